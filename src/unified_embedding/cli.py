@@ -1,0 +1,128 @@
+"""The `ue` command: train, evaluate, datasets, methods."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from unified_embedding.data import DATASETS, BadInputError, resolve_data_dir
+from unified_embedding.embeddings import METHODS, BudgetError
+from unified_embedding.train import TrainConfig, Trainer, evaluate_run
+
+
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as a Python literal when it is one (2, 0.5, True, [8, 8]), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.replace("-", "_"), value
+
+
+def _add_train(commands) -> None:
+    p = commands.add_parser("train", help="train and evaluate a CTR model; writes run.json")
+    p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}, or a TOML file describing your data")
+    p.add_argument("--method", default="unified", help="embedding method (see `ue methods`)")
+    p.add_argument("--model", default="dcnv2", help="CTR model: lr, fm, deepfm, dcnv2, dlrm, mlp")
+    p.add_argument("--budget", default="1x", help="embedding parameters: a count (250000) or a multiple of `full` (0.25x)")
+    p.add_argument("--data-dir", help="where dataset folders are (default $UE_DATA_DIR, else ~/.cache/unified_embedding)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="at most this many; early stopping on val AUC")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-2 for adagrad)")
+    p.add_argument("--optimizer", choices=["adam", "adagrad"], default="adam")
+    p.add_argument("--sparse", action="store_true", help="sparse embedding gradients (for tables too large for dense updates)")
+    p.add_argument("--split", choices=["random", "time"], default="random", help="random 80/10/10, or by time")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--on-bad-rows", choices=["raise", "skip"], default="raise")
+    p.add_argument("--method-option", type=_option, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model-option", type=_option, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output", default="run.json", help="run.json path; the checkpoint and model sit beside it")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N batches (0: each epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        dataset=args.dataset, method=args.method, model=args.model, budget=args.budget, seed=args.seed,
+        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, sparse=args.sparse, split=args.split, split_seed=args.split_seed,
+        on_bad_rows=args.on_bad_rows, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
+        method_options=dict(args.method_option), model_options=dict(args.model_option),
+    )  # fmt: skip
+    result = Trainer(config, args.output, progress=not args.quiet).run(resume=args.resume)
+    keys = ["dataset", "method", "model", "num_embedding_params", "val_auc", "test_auc", "test_logloss",
+            "train_seconds", "examples_per_second", "bad_rows_skipped"]  # fmt: skip
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    print(json.dumps(evaluate_run(args.run, args.split), indent=2))
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    if args.action == "download":
+        from unified_embedding.data.download import download
+
+        if not args.name:
+            raise SystemExit("usage: ue datasets download NAME")
+        for path in download(args.name, resolve_data_dir(args.data_dir), base_url=args.base_url, checksum=args.checksum):
+            print(path)
+        return 0
+    root = resolve_data_dir(args.data_dir)
+    print(f"data dir: {root}")
+    for name, info in DATASETS.items():
+        found = info.find(root)
+        where = ", ".join(str(p) for p in found) if found else f"not found (looked in {root / info.folder})"
+        print(f"  {name:<16} {info.description}\n  {'':<16} {where}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name:<14} {cls.description}" + (f"\n{'':<14} paper: {cls.paper}" if cls.paper else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ue", description="Unified Embedding and friends for CTR models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    p = commands.add_parser("evaluate", help="score a finished run's model on its valid or test split")
+    p.add_argument("--run", required=True, help="the run.json written by `ue train`")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p = commands.add_parser("datasets", help="list known datasets and where they are; `download NAME` fetches one")
+    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--data-dir")
+    p.add_argument("--base-url", help="mirror to download from instead of the official address")
+    p.add_argument("--checksum", help="expected sha256:HEX or md5:HEX, overriding the stored one")
+    commands.add_parser("methods", help="list embedding methods with their papers")
+    return parser
+
+
+HANDLERS = {"train": _train, "evaluate": _evaluate, "datasets": _datasets, "methods": _methods}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except (BadInputError, BudgetError, FileNotFoundError, ValueError) as error:
+        print(f"ue {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

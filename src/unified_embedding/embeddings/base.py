@@ -1,0 +1,133 @@
+"""The interface every embedding method implements, and the registry the CLI and lab use.
+
+A method turns a `Batch`'s sparse ids into one [B, W] tensor: the concatenation, in the
+feature set's order, of each sparse feature's vector. It never sees the model; a model
+sees only the widths in `out_dims`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar, Self
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from unified_embedding.batch import Batch
+from unified_embedding.features import FeatureSet
+
+Vocabularies = Mapping[str, np.ndarray | Tensor]
+
+
+class BudgetError(ValueError):
+    """A parameter budget that a method cannot meet; says what the smallest instance costs."""
+
+
+class EmbeddingMethod(nn.Module, ABC):
+    """Base class: sparse ids of a `Batch` -> [B, sum(out_dims)] floats."""
+
+    #: registry name, e.g. "unified"
+    name: ClassVar[str]
+    #: one line for `ue methods`, and the paper it comes from
+    description: ClassVar[str]
+    paper: ClassVar[str] = ""
+    #: True when the method's tables produce sparse gradients (the trainer then picks sparse optimizers)
+    sparse: bool = False
+
+    def __init__(self, features: FeatureSet) -> None:
+        super().__init__()
+        self.features = features
+
+    @property
+    @abstractmethod
+    def out_dims(self) -> dict[str, int]:
+        """Width of each sparse feature's vector, in feature order."""
+
+    @property
+    def output_dim(self) -> int:
+        return sum(self.out_dims.values())
+
+    def feature_slices(self) -> dict[str, slice]:
+        """Where each feature's vector sits in the output's columns."""
+        slices, start = {}, 0
+        for name, width in self.out_dims.items():
+            slices[name] = slice(start, start + width)
+            start += width
+        return slices
+
+    @abstractmethod
+    def forward(self, batch: Batch) -> Tensor:
+        """[B, output_dim] embedding of the batch's sparse features."""
+
+    def num_parameters(self) -> int:
+        """Every stored float of the method: tables, hash weights, networks."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    @abstractmethod
+    def from_budget(
+        cls, features: FeatureSet, budget: int, *, vocabularies: Vocabularies | None = None, **options
+    ) -> Self:
+        """The largest instance whose `num_parameters()` is at most `budget`.
+
+        Raises `BudgetError` when even the smallest instance does not fit.
+        """
+
+    def extra_repr(self) -> str:
+        return f"features={len(self.features.sparse)}, output_dim={self.output_dim}, params={self.num_parameters():,}"
+
+
+METHODS: dict[str, type[EmbeddingMethod]] = {}
+
+
+def register(cls: type[EmbeddingMethod]) -> type[EmbeddingMethod]:
+    """Class decorator adding a method to `METHODS` under its `name`."""
+    if cls.name in METHODS:
+        raise ValueError(f"embedding method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[EmbeddingMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown embedding method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+def build_embedding(
+    name: str, features: FeatureSet, budget: int, *, vocabularies: Vocabularies | None = None, **options
+) -> EmbeddingMethod:
+    """The registered method `name` at the largest size within `budget` parameters."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise BudgetError(f"budget must be a positive number of parameters, got {budget!r}")
+    return get_method(name).from_budget(features, int(budget), vocabularies=vocabularies, **options)
+
+
+def uniform_init(weight: Tensor, scale: float) -> None:
+    """Uniform(-scale, scale): small enough that the first MLP layer starts near-linear."""
+    with torch.no_grad():
+        weight.uniform_(-scale, scale)
+
+
+def as_tensor(ids: np.ndarray | Tensor) -> Tensor:
+    return ids if isinstance(ids, Tensor) else torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+
+def resolve_budget(budget: str | int, reference: int) -> int:
+    """Parameters for a budget given as a count ("250000", "2.5e5") or a multiple ("0.25x") of `reference`.
+
+    `reference` is the size of the collisionless `full` method on the same data, so "0.25x"
+    means a quarter of the uncompressed model's embedding parameters.
+    """
+    text = str(budget).strip().lower()
+    try:
+        value = float(text[:-1]) * reference if text.endswith("x") else float(text)
+    except ValueError:
+        raise BudgetError(f"budget must be a parameter count like 250000 or a multiple like 0.25x, got {budget!r}") from None
+    if not value >= 1 or value != value or value == float("inf"):
+        raise BudgetError(f"budget {budget!r} is {value:g} parameters; it must be at least 1")
+    return int(value)

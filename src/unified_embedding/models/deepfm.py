@@ -1,0 +1,32 @@
+"""DeepFM (Guo et al., 2017): FM and an MLP sharing one embedding, logits summed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from unified_embedding.models.fm import FM
+from unified_embedding.models.layers import MLP
+
+
+class DeepFM(FM):
+    """logit = FM(emb, dense) + MLP(concat(emb, dense))."""
+
+    def __init__(
+        self,
+        feature_dims: Sequence[int],
+        num_dense: int,
+        *,
+        hidden: Sequence[int] = (400, 400, 400),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__(feature_dims, num_dense)
+        self.mlp = MLP(
+            self.input_dim, hidden, activation=activation, dropout=dropout, batch_norm=batch_norm, output_dim=1
+        )
+
+    def _forward(self, emb: Tensor, dense: Tensor) -> Tensor:
+        return super()._forward(emb, dense) + self.mlp(self.concat_inputs(emb, dense)).squeeze(1)

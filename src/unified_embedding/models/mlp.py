@@ -1,0 +1,32 @@
+"""Plain MLP on concat(emb, dense): the implicit-interaction baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from unified_embedding.models.base import CTRModel
+from unified_embedding.models.layers import MLP
+
+
+class MLPModel(CTRModel):
+    """logit = MLP(concat(emb, dense)) with a final linear to 1."""
+
+    def __init__(
+        self,
+        feature_dims: Sequence[int],
+        num_dense: int,
+        *,
+        hidden: Sequence[int] = (400, 400, 400),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__(feature_dims, num_dense)
+        self.mlp = MLP(
+            self.input_dim, hidden, activation=activation, dropout=dropout, batch_norm=batch_norm, output_dim=1
+        )
+
+    def _forward(self, emb: Tensor, dense: Tensor) -> Tensor:
+        return self.mlp(self.concat_inputs(emb, dense)).squeeze(1)

@@ -1,0 +1,330 @@
+"""Training and evaluation of a CTR network: early stopping on validation AUC, atomic
+checkpoints with exact resume, and one `run.json` per run.
+
+Every choice (epochs via early stopping, the best epoch's weights) is made on the
+validation split; the test split is scored once, at the end, with the chosen weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+import unified_embedding
+from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
+from unified_embedding.data import BatchLoader, CTRData, Split, load_dataset, split_indices, vocabularies
+from unified_embedding.embeddings import FullEmbedding, build_embedding, get_method
+from unified_embedding.embeddings.base import resolve_budget
+from unified_embedding.features import FeatureSet
+from unified_embedding.models import MODELS
+from unified_embedding.network import CTRNetwork
+
+#: Learning rates that work for each optimizer out of the box (Adagrad needs a larger step).
+DEFAULT_LR = {"adam": 1e-3, "adagrad": 1e-2}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Validated in one place, `validate`."""
+
+    dataset: str
+    method: str = "unified"
+    model: str = "dcnv2"
+    budget: str = "1x"
+    seed: int = 0
+    epochs: int = 30
+    patience: int = 2
+    batch_size: int = 1024
+    lr: float | None = None
+    embedding_l2: float = 0.0
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    sparse: bool = False
+    split: Literal["random", "time"] = "random"
+    split_seed: int = 0
+    on_bad_rows: Literal["raise", "skip"] = "raise"
+    data_dir: str | None = None
+    checkpoint_every: int = 0
+    method_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        get_method(self.method)
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
+        if self.optimizer not in DEFAULT_LR:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(DEFAULT_LR)}")
+        if self.split not in ("random", "time"):
+            raise ValueError(f"split must be 'random' or 'time', got {self.split!r}")
+        if self.on_bad_rows not in ("raise", "skip"):
+            raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {self.on_bad_rows!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0 or self.checkpoint_every < 0:
+            raise ValueError("patience and checkpoint_every must be >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        return self
+
+    def fingerprint(self) -> str:
+        """Identifies the run's result: everything but where the data happens to live."""
+        defining = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "checkpoint_every")}
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known}).validate()
+
+
+@dataclass
+class Prepared:
+    """The data side of a run: rows, split, vocabularies and the resolved budget."""
+
+    data: CTRData
+    split: Split
+    features: FeatureSet
+    vocabularies: dict[str, np.ndarray]
+    full_parameters: int
+    budget: int
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    data = load_dataset(config.dataset, config.data_dir, on_bad_rows=config.on_bad_rows)
+    split = split_indices(data, method=config.split, seed=config.split_seed)
+    vocab = vocabularies(data, split.train)
+    features = data.features.with_cardinalities({name: len(ids) for name, ids in vocab.items()})
+    full_parameters = FullEmbedding.parameter_count(features, vocab)
+    return Prepared(data, split, features, vocab, full_parameters, resolve_budget(config.budget, full_parameters))
+
+
+def build_network(config: TrainConfig, prepared: Prepared) -> CTRNetwork:
+    """The same network for the same config and data, in any process (seeded init)."""
+    torch.manual_seed(config.seed)
+    embedding = build_embedding(
+        config.method,
+        prepared.features,
+        prepared.budget,
+        vocabularies=prepared.vocabularies,
+        sparse=config.sparse,
+        **config.method_options,
+    )
+    return CTRNetwork.build(embedding, config.model, **config.model_options)
+
+
+class Optimizers:
+    """Adam or Adagrad over the network; Adam's sparse-gradient tables get SparseAdam."""
+
+    def __init__(self, network: CTRNetwork, name: str, lr: float | None) -> None:
+        lr = lr or DEFAULT_LR[name]
+        sparse = list(network.embedding.parameters()) if network.embedding.sparse else []
+        ids = {id(p) for p in sparse}
+        dense = [p for p in network.parameters() if id(p) not in ids]
+        if name == "adagrad":
+            self.optimizers = [torch.optim.Adagrad(network.parameters(), lr=lr)]
+        else:
+            self.optimizers = [torch.optim.Adam(dense, lr=lr)]
+            if sparse:
+                self.optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> list[dict]:
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
+
+
+@torch.no_grad()
+def predict(network: nn.Module, loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities and labels over a loader, in its order."""
+    network.eval()
+    scores, labels = [], []
+    for batch in loader.batches():
+        scores.append(torch.sigmoid(network(batch)).numpy())
+        labels.append(batch.labels.numpy())
+    network.train()
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def evaluate(network: nn.Module, loader: BatchLoader) -> dict[str, float]:
+    """AUC and log loss (scikit-learn) of the network on a split."""
+    scores, labels = predict(network, loader)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("AUC needs both classes in the evaluated split")
+    return {
+        "auc": float(roc_auc_score(labels, scores)),
+        "logloss": float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+    }
+
+
+class Trainer:
+    """Runs one configuration to a run.json, checkpointing so a killed run can resume."""
+
+    def __init__(self, config: TrainConfig, output: str | Path | None = None, *, progress: bool = True) -> None:
+        self.config = config.validate()
+        self.output = Path(output) if output else None
+        self.checkpoint_path = self.output.with_suffix(".ckpt") if self.output else None
+        self.model_path = self.output.with_suffix(".pt") if self.output else None
+        self.progress = progress
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        config = self.config
+        prepared = prepare(config)
+        network = build_network(config, prepared)
+        optimizers = Optimizers(network, config.optimizer, config.lr)
+        train_loader = BatchLoader(prepared.data, prepared.split.train, config.batch_size, shuffle=True, seed=config.seed)
+        valid_loader = BatchLoader(prepared.data, prepared.split.valid, 8192)
+        state = self._fresh_state()
+        if resume and self.checkpoint_path and self.checkpoint_path.exists():
+            state = self._restore(network, optimizers)
+        loss_fn = nn.BCEWithLogitsLoss()
+        while state["epoch"] < config.epochs and not state["stopped"]:
+            epoch = state["epoch"]
+            started = time.perf_counter()
+            bar = tqdm(
+                train_loader.batches(epoch, start=state["batch"]),
+                total=len(train_loader),
+                initial=state["batch"],
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not self.progress,
+                leave=False,
+                unit="batch",
+            )
+            for batch in bar:
+                embedded = network.embedding(batch)
+                loss = loss_fn(network.model(embedded, batch.dense), batch.labels)
+                if config.embedding_l2:
+                    loss = loss + config.embedding_l2 * embedded.square().sum() / batch.batch_size
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+                optimizers.zero_grad()
+                loss.backward()
+                optimizers.step()
+                state["batch"] += 1
+                state["examples"] += batch.batch_size
+                if state["batch"] % 20 == 0 or state["batch"] == len(train_loader):
+                    seconds = state["train_seconds"] + time.perf_counter() - started
+                    bar.set_postfix(loss=f"{loss.item():.4f}", ex_per_s=f"{state['examples'] / max(seconds, 1e-9):,.0f}")
+                if config.checkpoint_every and state["batch"] % config.checkpoint_every == 0:
+                    self._checkpoint(network, optimizers, state, time.perf_counter() - started)
+                    started = time.perf_counter()
+            state["train_seconds"] += time.perf_counter() - started
+            metrics = evaluate(network, valid_loader)
+            state["history"].append({"epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]})
+            if metrics["auc"] > state["best_auc"]:
+                state.update(best_auc=metrics["auc"], best_epoch=epoch + 1, bad_epochs=0)
+                state["best_model"] = {k: v.clone() for k, v in network.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+                state["stopped"] = state["bad_epochs"] > config.patience
+            if self.progress:
+                tqdm.write(f"epoch {epoch + 1}: val AUC {metrics['auc']:.4f}  log loss {metrics['logloss']:.4f}")
+            state.update(epoch=epoch + 1, batch=0)
+            self._checkpoint(network, optimizers, state, 0.0)
+        network.load_state_dict(state["best_model"])
+        result = self._result(network, prepared, state)
+        if self.output:
+            save_atomic({"config": asdict(config), "model": network.state_dict()}, self.model_path)
+            write_text_atomic(json.dumps(result, indent=2) + "\n", self.output)
+        return result
+
+    def _fresh_state(self) -> dict[str, Any]:
+        return {
+            "epoch": 0, "batch": 0, "examples": 0, "train_seconds": 0.0, "history": [], "stopped": False,
+            "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "best_model": None,
+        }  # fmt: skip
+
+    def _checkpoint(self, network: nn.Module, optimizers: Optimizers, state: dict, unsaved_seconds: float) -> None:
+        if not self.checkpoint_path:
+            return
+        state["train_seconds"] += unsaved_seconds
+        save_atomic(
+            {
+                "fingerprint": self.config.fingerprint(),
+                "state": state,
+                "model": network.state_dict(),
+                "optimizers": optimizers.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            self.checkpoint_path,
+        )
+
+    def _restore(self, network: nn.Module, optimizers: Optimizers) -> dict[str, Any]:
+        saved = load(self.checkpoint_path)
+        if saved["fingerprint"] != self.config.fingerprint():
+            raise ValueError(
+                f"{self.checkpoint_path} belongs to a different configuration; "
+                "use the same flags to resume, or another --output to start afresh"
+            )
+        network.load_state_dict(saved["model"])
+        optimizers.load_state_dict(saved["optimizers"])
+        torch.set_rng_state(saved["rng"])
+        return saved["state"]
+
+    def _result(self, network: CTRNetwork, prepared: Prepared, state: dict[str, Any]) -> dict[str, Any]:
+        valid = evaluate(network, BatchLoader(prepared.data, prepared.split.valid, 8192))
+        test = evaluate(network, BatchLoader(prepared.data, prepared.split.test, 8192))
+        config = self.config
+        return {
+            "dataset": config.dataset,
+            "method": config.method,
+            "model": config.model,
+            "seed": config.seed,
+            "budget": prepared.budget,
+            "full_embedding_params": prepared.full_parameters,
+            "num_embedding_params": network.embedding.num_parameters(),
+            "num_params": sum(p.numel() for p in network.parameters()),
+            "val_auc": valid["auc"],
+            "val_logloss": valid["logloss"],
+            "test_auc": test["auc"],
+            "test_logloss": test["logloss"],
+            "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"],
+            "history": state["history"],
+            "train_seconds": state["train_seconds"],
+            "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
+            "bad_rows_skipped": prepared.data.bad_rows_skipped,
+            "rows": {"train": len(prepared.split.train), "valid": len(prepared.split.valid), "test": len(prepared.split.test)},
+            "embedding": {"out_dims": network.embedding.out_dims, "output_dim": network.embedding.output_dim},
+            "config": asdict(config),
+            "fingerprint": config.fingerprint(),
+            "versions": {
+                "unified_embedding": unified_embedding.__version__,
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+            },
+        }
+
+
+def evaluate_run(run_file: str | Path, split: Literal["valid", "test"] = "test") -> dict[str, float]:
+    """Score a finished run's saved model on one of its splits (rebuilt from its config)."""
+    run = json.loads(Path(run_file).read_text())
+    config = TrainConfig.from_dict(run["config"])
+    prepared = prepare(config)
+    network = build_network(config, prepared)
+    network.load_state_dict(load(Path(run_file).with_suffix(".pt"))["model"])
+    rows = prepared.split.valid if split == "valid" else prepared.split.test
+    return evaluate(network, BatchLoader(prepared.data, rows, 8192))
