@@ -217,6 +217,9 @@ class Trainer:
                 loss = loss_fn(network.model(embedded, batch.dense), batch.labels)
                 if config.embedding_l2:
                     loss = loss + config.embedding_l2 * embedded.square().sum() / batch.batch_size
+                extra = network.embedding.extra_loss()
+                if extra is not None:
+                    loss = loss + extra
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
                 optimizers.zero_grad()
@@ -295,6 +298,7 @@ class Trainer:
             "budget": prepared.budget,
             "full_embedding_params": prepared.full_parameters,
             "num_embedding_params": network.embedding.num_parameters(),
+            "num_embedding_bytes": network.embedding.num_bytes(),
             "num_params": sum(p.numel() for p in network.parameters()),
             "val_auc": valid["auc"],
             "val_logloss": valid["logloss"],

@@ -65,6 +65,14 @@ class EmbeddingMethod(nn.Module, ABC):
         """Every stored float of the method: tables, hash weights, networks."""
         return sum(p.numel() for p in self.parameters())
 
+    def num_bytes(self) -> int:
+        """Bytes a deployment stores for the method (float32 unless the method stores less)."""
+        return 4 * self.num_parameters()
+
+    def extra_loss(self) -> Tensor | None:
+        """A method's own training loss term (a sparsity penalty, say), added by the trainer."""
+        return None
+
     @classmethod
     @abstractmethod
     def from_budget(
