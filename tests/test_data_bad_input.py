@@ -6,7 +6,6 @@ layouts) test the mechanics; the real files are tested in test_data_readers.py.
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ from unified_embedding.data import BadInputError, delimited, load_dataset
 from unified_embedding.data.lines import LineTracker
 from unified_embedding.hashing import hash_bytes
 
-DATA = Path(os.environ.get("UE_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets")).resolve()
+from conftest import DATA_DIR as DATA
 INT64_MAX = str(2**63 - 1).encode()
 
 
@@ -249,7 +248,7 @@ def movielens(tmp_path) -> Path:
     """A copy of the real MovieLens-100K tables with the first 50 ratings, to edit."""
     source = DATA / "movielens-100k"
     if not source.is_dir():
-        pytest.skip(f"real datasets not found at {DATA}")
+        pytest.fail(f"real datasets not found at {DATA}")
     target = tmp_path / "data" / "movielens-100k"
     target.mkdir(parents=True)
     for name in ("u.user", "u.item"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,13 @@ from unified_embedding.batch import Batch
 from unified_embedding.data import BatchLoader, CTRData, load_dataset, split_indices, vocabularies
 from unified_embedding.features import FeatureKind, FeatureSet, FeatureSpec
 
-DATA = Path(os.environ.get("UE_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets")).resolve()
+from conftest import DATA_DIR as DATA
 
 
 @pytest.fixture(scope="module")
 def load(tmp_path_factory):
     if not DATA.is_dir():
-        pytest.skip(f"real datasets not found at {DATA} (set UE_DATA_DIR)")
+        pytest.fail(f"real datasets not found at {DATA} (set UE_DATA_DIR)")
     cache = tmp_path_factory.mktemp("cache")
     return lambda name: load_dataset(name, DATA, cache_dir=cache)
 

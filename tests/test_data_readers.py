@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from unified_embedding.data.movielens import MovieLens1m, MovieLens100k
 from unified_embedding.features import FeatureKind, Pooling
 from unified_embedding.hashing import hash_bytes
 
-DATA = Path(os.environ.get("UE_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets")).resolve()
+from conftest import DATA_DIR as DATA
 CRITEO = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 AVAZU = [
     "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain", "app_category",
@@ -49,7 +48,7 @@ def ids(*cells: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     if not DATA.is_dir():
-        pytest.skip(f"real datasets not found at {DATA} (set UE_DATA_DIR)")
+        pytest.fail(f"real datasets not found at {DATA} (set UE_DATA_DIR)")
     return tmp_path_factory.mktemp("cache")
 
 

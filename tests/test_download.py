@@ -11,7 +11,6 @@ import functools
 import hashlib
 import http.server
 import io
-import os
 import tarfile
 import threading
 import zipfile
@@ -22,7 +21,7 @@ import pytest
 from unified_embedding.data import download as dl
 from unified_embedding.data.download import DOWNLOADS, MANUAL_ONLY, Download, DownloadError, download
 
-DATA = Path(os.environ.get("UE_DATA_DIR", "/work/shared/datasets"))
+from conftest import DATA_DIR as DATA
 ML100K_FILES = ["u.data", "u.user", "u.item", "u.genre", "u.occupation", "u.info", "README"]
 ML1M_FILES = {"ratings.dat": "ratings_sample100k.dat", "users.dat": "users.dat", "movies.dat": "movies.dat",
               "README": "README"}
@@ -32,7 +31,7 @@ DEAD_URL = "http://127.0.0.1:1/nowhere"  # port 1: connection refused at once
 def _need(*paths: Path) -> None:
     for p in paths:
         if not p.is_file():
-            pytest.skip(f"real data file {p} not available (set UE_DATA_DIR)")
+            pytest.fail(f"real data file {p} not available (set UE_DATA_DIR)")
 
 
 def _sha256(path: Path) -> str:

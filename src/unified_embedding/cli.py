@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unified_embedding.data import DATASETS, BadInputError, resolve_data_dir
+from unified_embedding.data.download import DownloadError, download
 from unified_embedding.embeddings import METHODS, BudgetError
 from unified_embedding.train import TrainConfig, Trainer, evaluate_run
 
@@ -73,8 +74,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _datasets(args: argparse.Namespace) -> int:
     if args.action == "download":
-        from unified_embedding.data.download import download
-
         if not args.name:
             raise SystemExit("usage: ue datasets download NAME")
         for path in download(args.name, resolve_data_dir(args.data_dir), base_url=args.base_url, checksum=args.checksum):
@@ -119,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return HANDLERS[args.command](args)
-    except (BadInputError, BudgetError, FileNotFoundError, ValueError) as error:
+    except (BadInputError, BudgetError, DownloadError, FileNotFoundError, ValueError) as error:
         print(f"ue {args.command}: error: {error}", file=sys.stderr)
         return 2
 
