@@ -49,7 +49,6 @@ class TrainConfig:
     patience: int = 2
     batch_size: int = 1024
     lr: float | None = None
-    embedding_l2: float = 0.0
     optimizer: Literal["adam", "adagrad"] = "adam"
     sparse: bool = False
     split: Literal["random", "time"] = "random"
@@ -213,10 +212,7 @@ class Trainer:
                 unit="batch",
             )
             for batch in bar:
-                embedded = network.embedding(batch)
-                loss = loss_fn(network.model(embedded, batch.dense), batch.labels)
-                if config.embedding_l2:
-                    loss = loss + config.embedding_l2 * embedded.square().sum() / batch.batch_size
+                loss = loss_fn(network(batch), batch.labels)
                 extra = network.embedding.extra_loss()
                 if extra is not None:
                     loss = loss + extra

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from unified_embedding.models.base import CTRModel
-from unified_embedding.models.layers import MLP, CrossNetworkV2, xavier_linear
+from unified_embedding.models.layers import DEFAULT_DROPOUT, MLP, CrossNetworkV2, xavier_linear
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -27,7 +27,7 @@ class DCNv2(CTRModel):
         num_cross_layers: int = 3,
         structure: str = "stacked",
         hidden: Sequence[int] = (400, 400, 400),
-        dropout: float = 0.1,
+        dropout: float = DEFAULT_DROPOUT,
         batch_norm: bool = True,
         activation: str = "relu",
     ) -> None:

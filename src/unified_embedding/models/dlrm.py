@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from unified_embedding.models.base import CTRModel
-from unified_embedding.models.layers import MLP, DotInteraction, check_hidden
+from unified_embedding.models.layers import DEFAULT_DROPOUT, MLP, DotInteraction, check_hidden
 
 
 class DLRM(CTRModel):
@@ -30,7 +30,7 @@ class DLRM(CTRModel):
         *,
         bottom_hidden: Sequence[int] = (512, 256, 64),
         top_hidden: Sequence[int] = (512, 256),
-        dropout: float = 0.1,
+        dropout: float = DEFAULT_DROPOUT,
         batch_norm: bool = True,
         activation: str = "relu",
     ) -> None:

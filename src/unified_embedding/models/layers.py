@@ -16,6 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+#: Dropout of the models' hidden layers, chosen on validation AUC with DCNv2: 0.3 beat 0.1 on
+#: MovieLens-100K (full: 0.7918 vs 0.7818) and Frappe (unified 0.25x: 0.9533 vs 0.9525), where
+#: the deep part overfits within a few epochs; 0.5 was no better (0.7921).
+DEFAULT_DROPOUT = 0.3
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from unified_embedding.models.base import CTRModel
-from unified_embedding.models.layers import MLP
+from unified_embedding.models.layers import DEFAULT_DROPOUT, MLP
 
 
 class MLPModel(CTRModel):
@@ -19,7 +19,7 @@ class MLPModel(CTRModel):
         num_dense: int,
         *,
         hidden: Sequence[int] = (400, 400, 400),
-        dropout: float = 0.1,
+        dropout: float = DEFAULT_DROPOUT,
         batch_norm: bool = True,
         activation: str = "relu",
     ) -> None:
