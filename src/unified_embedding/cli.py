@@ -1,4 +1,4 @@
-"""The `ue` command: train, evaluate, datasets, methods."""
+"""The `ue` command: train, evaluate, datasets, methods, and the lab (bench, report, inspect)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from unified_embedding.bench import commands as bench_commands
 from unified_embedding.data import DATASETS, BadInputError, resolve_data_dir
 from unified_embedding.data.download import DownloadError, download
 from unified_embedding.embeddings import METHODS, BudgetError
@@ -108,10 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="mirror to download from instead of the official address")
     p.add_argument("--checksum", help="expected sha256:HEX or md5:HEX, overriding the stored one")
     commands.add_parser("methods", help="list embedding methods with their papers")
+    bench_commands.add_bench_arguments(commands.add_parser("bench", help=bench_commands.BENCH_HELP))
+    bench_commands.add_report_arguments(commands.add_parser("report", help=bench_commands.REPORT_HELP))
+    bench_commands.add_inspect_arguments(commands.add_parser("inspect", help=bench_commands.INSPECT_HELP))
     return parser
 
 
-HANDLERS = {"train": _train, "evaluate": _evaluate, "datasets": _datasets, "methods": _methods}
+HANDLERS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "datasets": _datasets,
+    "methods": _methods,
+    "bench": bench_commands.run_bench,
+    "report": bench_commands.run_report,
+    "inspect": bench_commands.run_inspect,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,6 +56,7 @@ class TrainConfig:
     on_bad_rows: Literal["raise", "skip"] = "raise"
     data_dir: str | None = None
     checkpoint_every: int = 0
+    max_rows: int | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patience < 0 or self.checkpoint_every < 0:
             raise ValueError("patience and checkpoint_every must be >= 0")
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or self.max_rows < 10):
+            raise ValueError(f"max_rows must be an integer >= 10, got {self.max_rows!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         return self
@@ -81,6 +84,8 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Identifies the run's result: everything but where the data happens to live."""
         defining = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "checkpoint_every")}
+        if self.max_rows is None:
+            del defining["max_rows"]  # fingerprints of whole-dataset runs predate the field
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
@@ -103,6 +108,8 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     data = load_dataset(config.dataset, config.data_dir, on_bad_rows=config.on_bad_rows)
+    if config.max_rows is not None:
+        data = data.head(config.max_rows)
     split = split_indices(data, method=config.split, seed=config.split_seed)
     vocab = vocabularies(data, split.train)
     features = data.features.with_cardinalities({name: len(ids) for name, ids in vocab.items()})

@@ -30,6 +30,21 @@ class CTRData:
     bad_rows_skipped: int
     sources: list[str]
 
+    def head(self, rows: int) -> CTRData:
+        """The first `rows` rows (all of them when there are fewer), as views of the columns."""
+        n = min(int(rows), self.num_rows)
+        return CTRData(
+            name=self.name,
+            features=self.features,
+            labels=self.labels[:n],
+            dense=self.dense[:n],
+            categorical={name: ids[:n] for name, ids in self.categorical.items()},
+            multivalent={name: (v[: int(o[n])], o[: n + 1]) for name, (v, o) in self.multivalent.items()},
+            time=None if self.time is None else self.time[:n],
+            bad_rows_skipped=self.bad_rows_skipped,
+            sources=list(self.sources),
+        )
+
     def __post_init__(self) -> None:
         # Cheap shape checks only (no pass over the data), so that a hand-built CTRData that
         # does not match its features fails here rather than deep inside a training loop.

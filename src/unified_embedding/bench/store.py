@@ -1,0 +1,270 @@
+"""The results database: one SQLite row per run, written atomically, safe to read while a sweep runs.
+
+SQLite from the standard library, in WAL mode (a report can read while a sweep writes) with
+full synchronisation: a run's row (and its decomposition, if any) is committed in one
+transaction after the run finishes, so a sweep killed at any instant leaves every finished
+run intact and no half-written one. A run is keyed by its configuration's fingerprint
+(`TrainConfig.fingerprint()`), which is how a resumed sweep knows what is already done.
+
+Statuses: ``running`` (started, not finished: a killed run, re-run on resume), ``finished``,
+``refused`` (the method cannot meet the budget: `BudgetError`, with its message; not re-run),
+``failed`` (any other error, with the traceback; re-run on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sqlite3
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+import unified_embedding
+from unified_embedding.train import TrainConfig
+
+SCHEMA_VERSION = 1
+DONE = ("finished", "refused")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sweeps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    command TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    wall_seconds REAL,
+    planned INTEGER NOT NULL,
+    skipped INTEGER NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'running'
+);
+CREATE TABLE IF NOT EXISTS runs (
+    fingerprint TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'refused', 'failed')),
+    dataset TEXT NOT NULL,
+    method TEXT NOT NULL,
+    model TEXT NOT NULL,
+    budget TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    budget_params INTEGER,
+    full_embedding_params INTEGER,
+    num_embedding_params INTEGER,
+    num_embedding_bytes INTEGER,
+    num_params INTEGER,
+    val_auc REAL,
+    val_logloss REAL,
+    test_auc REAL,
+    test_logloss REAL,
+    best_epoch INTEGER,
+    epochs_run INTEGER,
+    train_seconds REAL,
+    wall_seconds REAL,
+    examples_per_second REAL,
+    config TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    package_version TEXT NOT NULL,
+    torch_version TEXT NOT NULL,
+    python_version TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    sweep_id INTEGER REFERENCES sweeps(id),
+    started_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs (dataset, method, budget);
+CREATE TABLE IF NOT EXISTS decompositions (
+    fingerprint TEXT PRIMARY KEY REFERENCES runs(fingerprint),
+    summary TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+"""
+
+#: Columns copied from a run's result dict (run.json) into their own columns.
+_RESULT_COLUMNS = (
+    "num_embedding_params", "num_embedding_bytes", "num_params", "full_embedding_params", "val_auc", "val_logloss",
+    "test_auc", "test_logloss", "best_epoch", "epochs_run", "train_seconds", "examples_per_second",
+)  # fmt: skip
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    return {
+        "package_version": unified_embedding.__version__,
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+class ResultStore:
+    """A results database file; open it with `ResultStore(path)` and close it (or use `with`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        with self.transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self.conn.execute(statement)
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        found = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if int(found) != SCHEMA_VERSION:
+            raise ValueError(f"{self.path} has results schema {found}; this version reads schema {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------------ basics
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (KeyboardInterrupt included)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ sweeps
+    def start_sweep(self, command: str, spec: Mapping[str, Any], planned: int, skipped: int) -> int:
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO sweeps (command, spec, started_at, planned, skipped) VALUES (?, ?, ?, ?, ?)",
+                (command, json.dumps(spec, sort_keys=True), now(), planned, skipped),
+            )
+            return int(cursor.lastrowid)
+
+    def end_sweep(self, sweep_id: int, wall_seconds: float, counts: Mapping[str, int], status: str) -> None:
+        """A sweep's outcome; also written after each run (status 'running'): `finished_at` is its last update."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE sweeps SET finished_at = ?, wall_seconds = ?, finished = ?, refused = ?, failed = ?, status = ?"
+                " WHERE id = ?",
+                (now(), wall_seconds, counts.get("finished", 0), counts.get("refused", 0), counts.get("failed", 0),
+                 status, sweep_id),
+            )  # fmt: skip
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM sweeps ORDER BY id").fetchall()
+        return [dict(row) | {"spec": json.loads(row["spec"])} for row in rows]
+
+    # -------------------------------------------------------------------- runs
+    def status(self, fingerprint: str) -> str | None:
+        row = self.conn.execute("SELECT status FROM runs WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return None if row is None else row[0]
+
+    def done_fingerprints(self) -> set[str]:
+        """Runs a resumed sweep skips: finished, or refused by their method."""
+        marks = ",".join("?" * len(DONE))
+        return {row[0] for row in self.conn.execute(f"SELECT fingerprint FROM runs WHERE status IN ({marks})", DONE)}
+
+    def mark_running(self, config: TrainConfig, sweep_id: int | None = None) -> None:
+        """Record that a run started (kept only until its outcome replaces it)."""
+        self._write(config, "running", sweep_id=sweep_id)
+
+    def record_finished(
+        self,
+        config: TrainConfig,
+        result: Mapping[str, Any],
+        *,
+        wall_seconds: float,
+        sweep_id: int | None = None,
+        decomposition: Mapping[str, Any] | None = None,
+    ) -> None:
+        """The run's row, with its decomposition if given, in one transaction."""
+        self._write(config, "finished", result=result, wall_seconds=wall_seconds, sweep_id=sweep_id,
+                    decomposition=decomposition)  # fmt: skip
+
+    def record_refused(self, config: TrainConfig, message: str, *, sweep_id: int | None = None) -> None:
+        self._write(config, "refused", error=message, sweep_id=sweep_id)
+
+    def record_failed(
+        self, config: TrainConfig, error: str, *, wall_seconds: float, sweep_id: int | None = None
+    ) -> None:
+        self._write(config, "failed", error=error, wall_seconds=wall_seconds, sweep_id=sweep_id)
+
+    def _write(
+        self,
+        config: TrainConfig,
+        status: str,
+        *,
+        result: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        wall_seconds: float | None = None,
+        sweep_id: int | None = None,
+        decomposition: Mapping[str, Any] | None = None,
+    ) -> None:
+        fingerprint = config.fingerprint()
+        row: dict[str, Any] = {
+            "fingerprint": fingerprint, "status": status, "dataset": config.dataset, "method": config.method,
+            "model": config.model, "budget": str(config.budget), "seed": config.seed,
+            "config": json.dumps(asdict(config), sort_keys=True), "error": error, "wall_seconds": wall_seconds,
+            "sweep_id": sweep_id, "started_at": now(), "finished_at": None if status == "running" else now(),
+            **versions(),
+        }  # fmt: skip
+        if result is not None:
+            row.update({key: result.get(key) for key in _RESULT_COLUMNS})
+            row["budget_params"] = result.get("budget")
+            row["result"] = json.dumps(result, sort_keys=True)
+        with self.transaction() as conn:
+            previous = conn.execute("SELECT started_at FROM runs WHERE fingerprint = ?", (fingerprint,)).fetchone()
+            if previous is not None and status != "running":
+                row["started_at"] = previous[0]
+            conn.execute("DELETE FROM decompositions WHERE fingerprint = ?", (fingerprint,))
+            names = ", ".join(row)
+            conn.execute(
+                f"INSERT OR REPLACE INTO runs ({names}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
+            if decomposition is not None:
+                conn.execute(
+                    "INSERT INTO decompositions VALUES (?, ?, ?)",
+                    (fingerprint, json.dumps(decomposition.get("summary", {})), json.dumps(decomposition)),
+                )
+
+    def runs(
+        self, *, status: str | Iterable[str] | None = "finished", dataset: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Runs as dicts, `config` (and `result`) parsed from JSON, oldest first."""
+        query, params = "SELECT * FROM runs WHERE 1 = 1", []
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            query += f" AND status IN ({','.join('?' * len(statuses))})"
+            params += statuses
+        if dataset is not None:
+            query += " AND dataset = ?"
+            params.append(dataset)
+        out = []
+        for row in self.conn.execute(query + " ORDER BY started_at, fingerprint", params):
+            item = dict(row)
+            item["config"] = json.loads(item["config"])
+            item["result"] = json.loads(item["result"]) if item["result"] else None
+            out.append(item)
+        return out
+
+    def decompositions(self) -> dict[str, dict[str, Any]]:
+        """Fingerprint -> stored decomposition (see `bench.decomposition.Decomposition.to_dict`)."""
+        return {row[0]: json.loads(row[1]) for row in self.conn.execute("SELECT fingerprint, data FROM decompositions")}

@@ -1,0 +1,289 @@
+"""The grid: datasets x methods x budgets x seeds, one training run each, resumable.
+
+`run_sweep(spec, results)` trains every run of the grid that the results database does not
+already hold as finished (or refused), records each outcome in one transaction as soon as
+it is known, and shows a progress bar over runs with the time left. A sweep killed at any
+point loses only the run in flight, and that run resumes from its last epoch checkpoint
+(kept under `work_dir` until the run is recorded). A method that cannot meet a budget is
+recorded as ``refused`` with its `BudgetError` message; any other error of a run is recorded
+as ``failed`` (and retried by the next sweep) unless `stop_on_error`.
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+import time
+import traceback
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from unified_embedding.bench.decomposition import decompose_saved
+from unified_embedding.bench.runs import make_config
+from unified_embedding.bench.store import ResultStore
+from unified_embedding.embeddings import METHODS, BudgetError, get_method
+from unified_embedding.train import TrainConfig, Trainer
+
+#: Methods whose decomposition is measured after training (seed `decompose_seed` only).
+DECOMPOSED = ("multiplexed", "unified")
+
+
+@dataclass
+class SweepSpec:
+    """What to run. `methods="all"` is every registered method; `seeds` is a count or a list."""
+
+    datasets: Sequence[str]
+    methods: Sequence[str] | str = "all"
+    budgets: Sequence[str] = ("0.01x", "0.03x", "0.1x", "0.3x", "1x")
+    seeds: int | Sequence[int] = 3
+    model: str = "dcnv2"
+    epochs: int = TrainConfig.epochs
+    patience: int = TrainConfig.patience
+    batch_size: int = TrainConfig.batch_size
+    lr: float | None = None
+    optimizer: str = "adam"
+    split: str = "random"
+    split_seed: int = 0
+    on_bad_rows: str = "raise"
+    data_dir: str | None = None
+    #: options for every method ({"storage": "int8"}) ...
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    #: ... and per method ({"unified": {"probes": "log"}}), applied after the common ones
+    options_by_method: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+    #: train on the first `max_rows` rows of each dataset (tests, smoke runs); None: all rows
+    max_rows: int | None = None
+    #: methods whose feature-multiplexing decomposition is measured and stored
+    decompose: Sequence[str] = DECOMPOSED
+
+    def method_names(self) -> list[str]:
+        if isinstance(self.methods, str):
+            names = (
+                list(METHODS) if self.methods == "all" else [m.strip() for m in self.methods.split(",") if m.strip()]
+            )
+        else:
+            names = list(self.methods)
+        for name in names:
+            get_method(name)  # unknown names fail before any run
+        return list(dict.fromkeys(names))
+
+    def seed_list(self) -> list[int]:
+        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
+            if self.seeds < 1:
+                raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+            return list(range(self.seeds))
+        return [int(s) for s in self.seeds]
+
+    def configs(self) -> list[TrainConfig]:
+        """Every run of the grid, validated, in the order they run: dataset, seed, budget, method."""
+        if not self.datasets or not self.budgets:
+            raise ValueError("a sweep needs at least one dataset and one budget")
+        out = []
+        for dataset in self.datasets:
+            for seed in self.seed_list():
+                for budget in self.budgets:
+                    for method in self.method_names():
+                        options = dict(self.method_options) | dict(self.options_by_method.get(method, {}))
+                        out.append(
+                            make_config(
+                                dataset=dataset, method=method, model=self.model, budget=str(budget), seed=seed,
+                                epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
+                                optimizer=self.optimizer, split=self.split, split_seed=self.split_seed,
+                                on_bad_rows=self.on_bad_rows, data_dir=self.data_dir, method_options=options,
+                                model_options=dict(self.model_options), max_rows=self.max_rows,
+                            )
+                        )  # fmt: skip
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["methods"] = self.method_names()
+        values["seeds"] = self.seed_list()
+        values["datasets"] = list(self.datasets)
+        values["budgets"] = [str(b) for b in self.budgets]
+        values["decompose"] = list(self.decompose)
+        return values
+
+
+@dataclass
+class SweepSummary:
+    planned: int  # runs in the grid
+    skipped: int  # already finished or refused before this sweep
+    finished: int = 0
+    refused: int = 0
+    failed: int = 0
+    wall_seconds: float = 0.0
+    sweep_id: int | None = None
+
+    def line(self) -> str:
+        return (
+            f"{self.planned} runs planned, {self.skipped} already done; this sweep: {self.finished} finished, "
+            f"{self.refused} refused by their method, {self.failed} failed, in {self.wall_seconds:,.0f} s"
+        )
+
+
+def run_sweep(
+    spec: SweepSpec,
+    results: str | Path,
+    *,
+    command: str | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    run_progress: bool = False,
+    stop_on_error: bool = False,
+    keep_models: bool = False,
+    threads: int | None = None,
+) -> SweepSummary:
+    """Run the runs of `spec` that `results` does not hold yet; see the module docstring.
+
+    `command` is stored with the sweep (the report prints it); `work_dir` holds in-flight
+    checkpoints (default: beside the database, ``<results>.runs/``); `keep_models` keeps each
+    finished run's run.json and model there. `threads` sets torch's CPU threads for the sweep
+    (1 is much faster for small models on a machine whose cores are shared).
+    """
+    configs = spec.configs()
+    results = Path(results)
+    work = Path(work_dir) if work_dir is not None else results.with_name(results.name + ".runs")
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _sweep(
+            configs, spec, results, work, started, command, progress, run_progress, stop_on_error, keep_models
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _sweep(
+    configs: list[TrainConfig],
+    spec: SweepSpec,
+    results: Path,
+    work: Path,
+    started: float,
+    command: str | None,
+    progress: bool,
+    run_progress: bool,
+    stop_on_error: bool,
+    keep_models: bool,
+) -> SweepSummary:
+    with ResultStore(results) as store:
+        done = store.done_fingerprints()
+        todo = [c for c in configs if c.fingerprint() not in done]
+        summary = SweepSummary(planned=len(configs), skipped=len(configs) - len(todo))
+        summary.sweep_id = store.start_sweep(
+            command or describe_command(spec, results), spec.to_dict(), len(configs), summary.skipped
+        )
+        counts: Counter[str] = Counter()
+        status = "interrupted"
+        bar = tqdm(todo, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+        try:
+            for config in bar:
+                bar.set_postfix_str(
+                    f"{config.dataset} {config.method} {config.budget} seed {config.seed}", refresh=True
+                )
+                outcome = _one_run(
+                    config, store, work, summary.sweep_id, spec, run_progress, stop_on_error, keep_models
+                )
+                counts[outcome] += 1
+                # so that a sweep killed outright still has its wall time up to its last run
+                store.end_sweep(summary.sweep_id, time.perf_counter() - started, counts, "running")
+            status = "finished"
+        finally:
+            bar.close()
+            summary.finished, summary.refused, summary.failed = counts["finished"], counts["refused"], counts["failed"]
+            summary.wall_seconds = time.perf_counter() - started
+            store.end_sweep(summary.sweep_id, summary.wall_seconds, counts, status)
+    return summary
+
+
+def _one_run(
+    config: TrainConfig,
+    store: ResultStore,
+    work: Path,
+    sweep_id: int,
+    spec: SweepSpec,
+    run_progress: bool,
+    stop_on_error: bool,
+    keep_models: bool,
+) -> str:
+    fingerprint = config.fingerprint()
+    output = work / f"{fingerprint}.json"
+    store.mark_running(config, sweep_id)
+    started = time.perf_counter()
+    try:
+        result = Trainer(config, output, progress=run_progress).run(resume=True)
+        decomposition = None
+        if config.method in spec.decompose and config.seed == min(spec.seed_list()):
+            decomposition = _decomposition(config, output.with_suffix(".pt"))
+    except BudgetError as error:
+        store.record_refused(config, str(error), sweep_id=sweep_id)
+        _clean(output)
+        return "refused"
+    except Exception:
+        if stop_on_error:
+            raise
+        store.record_failed(
+            config, traceback.format_exc(), wall_seconds=time.perf_counter() - started, sweep_id=sweep_id
+        )
+        tqdm.write(f"bench: {config.dataset} {config.method} {config.budget} seed {config.seed} failed (recorded)")
+        return "failed"
+    store.record_finished(config, result, wall_seconds=time.perf_counter() - started, sweep_id=sweep_id,
+                          decomposition=decomposition)  # fmt: skip
+    if not keep_models:
+        _clean(output)
+    return "finished"
+
+
+def _decomposition(config: TrainConfig, model_path: Path) -> dict[str, Any]:
+    try:
+        return decompose_saved(config, model_path).to_dict()
+    except ValueError as error:  # e.g. a model without a linear first layer
+        return {"summary": {}, "error": str(error)}
+
+
+def _clean(output: Path) -> None:
+    for suffix in (".json", ".ckpt", ".pt"):
+        output.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def describe_command(spec: SweepSpec, results: str | Path) -> str:
+    """The `ue bench` command line that runs `spec` (what the report prints as the exact command)."""
+    args = ["ue", "bench", "--datasets", ",".join(spec.datasets)]
+    methods = spec.methods if isinstance(spec.methods, str) else ",".join(spec.methods)
+    args += ["--methods", methods, "--budgets", ",".join(str(b) for b in spec.budgets)]
+    seeds = spec.seeds if isinstance(spec.seeds, int) else ",".join(str(s) for s in spec.seeds)
+    args += ["--seeds", str(seeds), "--model", spec.model, "--results", str(results)]
+    defaults = SweepSpec(datasets=spec.datasets)
+    for name in ("epochs", "patience", "batch_size", "lr", "optimizer", "split", "split_seed", "on_bad_rows", "data_dir",
+                 "max_rows"):  # fmt: skip
+        value = getattr(spec, name)
+        if value != getattr(defaults, name):
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    for key, value in spec.method_options.items():
+        args += ["--method-option", f"{key}={_literal(value)}"]
+    for method, options in spec.options_by_method.items():
+        for key, value in options.items():
+            args += ["--method-option", f"{method}:{key}={_literal(value)}"]
+    for key, value in spec.model_options.items():
+        args += ["--model-option", f"{key}={_literal(value)}"]
+    if list(spec.decompose) != list(DECOMPOSED):
+        args += ["--decompose", ",".join(spec.decompose) or "none"]
+    return shlex.join(args)
+
+
+def _literal(value: Any) -> str:
+    """How a KEY=VALUE option writes `value` so that the CLI reads it back (a plain word stays plain)."""
+    if isinstance(value, str):
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return repr(value)

@@ -1,0 +1,263 @@
+"""The Pareto lab: a tiny real sweep that is interrupted and resumed, its report, inspect, decomposition."""
+
+import argparse
+import json
+import shlex
+import sqlite3
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from unified_embedding.bench import commands, sweep
+from unified_embedding.bench.colours import METHOD_COLOURS, method_colour
+from unified_embedding.bench.decomposition import decompose
+from unified_embedding.bench.inspect import inspect_collisions
+from unified_embedding.bench.report import Cell, dominated, frontier, write_report
+from unified_embedding.bench.runs import make_config
+from unified_embedding.bench.store import ResultStore
+from unified_embedding.bench.sweep import SweepSpec, describe_command, run_sweep
+from unified_embedding.embeddings import METHODS
+from unified_embedding.train import Trainer, build_network, prepare
+
+TINY_MODEL = {"hidden": [16], "num_cross_layers": 1}
+
+
+def tiny_spec(data_dir, **overrides) -> SweepSpec:
+    values = {
+        "datasets": ["movielens-100k"], "methods": ["unified", "hashing"], "budgets": ["0.1x", "1x"], "seeds": 1,
+        "epochs": 1, "batch_size": 256, "max_rows": 2000, "model_options": TINY_MODEL, "data_dir": str(data_dir),
+    }  # fmt: skip
+    return SweepSpec(**(values | overrides))
+
+
+class CountingTrainer(Trainer):
+    """The real Trainer, counting runs; raises KeyboardInterrupt (a kill) at run number `interrupt_at`."""
+
+    calls: ClassVar[list[str]] = []
+    interrupt_at: ClassVar[int | None] = None
+
+    def run(self, *, resume: bool = False):
+        CountingTrainer.calls.append(self.config.fingerprint())
+        if len(CountingTrainer.calls) == CountingTrainer.interrupt_at:
+            raise KeyboardInterrupt
+        return super().run(resume=resume)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread when the machine's cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def swept(data_dir, tmp_path_factory):
+    """A 2 methods x 2 budgets x 1 seed sweep on 2,000 rows, killed during its 2nd run, then resumed, then re-run."""
+    root = tmp_path_factory.mktemp("bench")
+    results = root / "results.db"
+    spec = tiny_spec(data_dir)
+    log = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "Trainer", CountingTrainer)
+        CountingTrainer.calls, CountingTrainer.interrupt_at = [], 2
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(spec, results, progress=False)
+        log["first"] = list(CountingTrainer.calls)
+        with ResultStore(results) as store:
+            log["after_kill"] = {r["fingerprint"]: r["status"] for r in store.runs(status=None)}
+        CountingTrainer.calls, CountingTrainer.interrupt_at = [], None
+        log["resumed"] = run_sweep(spec, results, progress=False)
+        log["second"] = list(CountingTrainer.calls)
+        CountingTrainer.calls = []
+        log["again"] = run_sweep(spec, results, progress=False)
+        log["third"] = list(CountingTrainer.calls)
+    return spec, results, log
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_runs(swept):
+    spec, results, log = swept
+    fingerprints = [c.fingerprint() for c in spec.configs()]
+    assert len(fingerprints) == len(set(fingerprints)) == 4
+    assert log["first"] == fingerprints[:2]
+    assert log["after_kill"] == {fingerprints[0]: "finished", fingerprints[1]: "running"}
+    assert log["second"] == fingerprints[1:]  # the finished first run is not trained again
+    assert (log["resumed"].planned, log["resumed"].skipped, log["resumed"].finished) == (4, 1, 3)
+    assert log["third"] == [] and log["again"].skipped == 4
+    with ResultStore(results) as store:
+        runs = store.runs()
+        assert sorted(r["fingerprint"] for r in runs) == sorted(fingerprints)
+        for run in runs:
+            assert 0 < run["test_auc"] <= 1 and run["test_logloss"] > 0
+            assert 0 < run["num_embedding_params"] <= run["budget_params"] and run["num_embedding_bytes"] > 0
+            assert run["config"]["max_rows"] == 2000 and run["result"]["rows"]["train"] == 1600
+            assert run["torch_version"] == torch.__version__ and run["package_version"]
+            assert run["wall_seconds"] > 0
+        assert [s["status"] for s in store.sweeps()] == ["interrupted", "finished", "finished"]
+        unified_runs = {r["fingerprint"] for r in runs if r["method"] == "unified"}
+        assert set(store.decompositions()) == unified_runs  # measured for the decomposed method only
+    assert not list((results.parent / "results.db.runs").glob("*.ckpt"))  # in-flight checkpoints are cleaned up
+
+
+def test_database_is_wal_and_a_failed_commit_leaves_nothing_half_written(swept, tmp_path, data_dir):
+    _, results, _ = swept
+    assert sqlite3.connect(results).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    config = tiny_spec(data_dir).configs()[0]
+    with ResultStore(tmp_path / "r.db") as store:
+        store.mark_running(config)
+        with pytest.raises(TypeError):  # the decomposition cannot be serialised: the whole write rolls back
+            store.record_finished(
+                config, {"test_auc": 0.7}, wall_seconds=1.0, decomposition={"summary": {}, "x": object()}
+            )
+        assert store.status(config.fingerprint()) == "running" and store.decompositions() == {}
+
+
+def test_report_has_tables_frontier_verdicts_and_plots(swept, tmp_path):
+    spec, results, _ = swept
+    out = tmp_path / "report"
+    path = write_report(results, out, command="ue report --results results.db --out report")
+    text = path.read_text()
+    assert describe_command(spec, results) in text and "Wall time" in text
+    assert "| 0.1x | unified |" in text and "| 1x | hashing |" in text and "★" in text
+    assert "on the frontier" in text and "Against `hashing`:" in text and "Against the best other method" in text
+    assert "Trained on the first 2,000 rows" in text
+    assert "decompose" in text and "decomposition.png" in text
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["movielens-100k_auc_vs_params.png", "movielens-100k_decomposition.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
+        assert f"]({name})" in text
+
+
+def test_refused_budgets_are_recorded_not_crashing_and_not_retried(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "Trainer", CountingTrainer)
+    CountingTrainer.calls, CountingTrainer.interrupt_at = [], None
+    spec = tiny_spec(data_dir, methods=["hashing", "full"], budgets=["10"])
+    summary = run_sweep(spec, tmp_path / "r.db", progress=False)
+    assert (summary.refused, summary.finished, summary.failed) == (2, 0, 0)
+    with ResultStore(tmp_path / "r.db") as store:
+        refused = store.runs(status="refused")
+    assert {r["method"] for r in refused} == {"hashing", "full"}
+    assert all("needs at least" in r["error"] for r in refused)
+    CountingTrainer.calls = []
+    assert run_sweep(spec, tmp_path / "r.db", progress=False).skipped == 2 and CountingTrainer.calls == []
+
+
+def test_failing_runs_are_recorded_and_retried(data_dir, tmp_path, monkeypatch):
+    class Broken(Trainer):
+        def run(self, *, resume=False):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(sweep, "Trainer", Broken)
+    spec = tiny_spec(data_dir, budgets=["1x"])
+    assert run_sweep(spec, tmp_path / "r.db", progress=False).failed == 2
+    with ResultStore(tmp_path / "r.db") as store:
+        assert all("RuntimeError: boom" in r["error"] for r in store.runs(status="failed"))
+    assert run_sweep(spec, tmp_path / "r.db", progress=False).failed == 2  # failures are retried, not skipped
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sweep(spec, tmp_path / "r.db", progress=False, stop_on_error=True)
+
+
+def test_grid_expands_all_methods_and_the_printed_command_reproduces_it(data_dir):
+    spec = tiny_spec(data_dir, methods="all", budgets=["0.1x", "1x"], seeds=2,
+                     options_by_method={"unified": {"probes": "log"}})  # fmt: skip
+    configs = spec.configs()
+    assert len(configs) == len(METHODS) * 2 * 2
+    assert {c.method for c in configs} == set(METHODS)
+    assert all(c.method_options == ({"probes": "log"} if c.method == "unified" else {}) for c in configs)
+    parser = argparse.ArgumentParser()
+    commands.add_bench_arguments(parser)
+    argv = shlex.split(describe_command(spec, "r.db"))
+    assert argv[:2] == ["ue", "bench"]
+    again = commands.spec_from_args(parser.parse_args(argv[2:]))
+    assert [c.fingerprint() for c in again.configs()] == [c.fingerprint() for c in configs]
+
+
+def test_inspect_shares_are_sane_and_a_bigger_table_collides_less(data_dir):
+    small = inspect_collisions("movielens-100k", "unified", "0.1x", data_dir=str(data_dir))
+    large = inspect_collisions("movielens-100k", "unified", "1x", data_dir=str(data_dir))
+    for report in (small, large):
+        assert [f.feature for f in report.features][:2] == ["user", "item"]
+        for f in report.features:
+            for share in (f.within, f.across, f.any, f.whole, f.within_weighted, f.across_weighted, f.any_weighted):
+                assert 0.0 <= share <= 1.0
+            assert f.any >= max(f.within, f.across) and f.whole <= f.any
+        assert 0.0 <= report.empty_rows <= 1.0 and report.load_max >= report.load_mean > 0
+    assert large.table_rows > small.table_rows
+    assert np.mean([f.any for f in large.features]) < np.mean([f.any for f in small.features])
+    assert large.load_mean < small.load_mean and large.empty_rows > small.empty_rows
+    hashing = inspect_collisions("movielens-100k", "hashing", "0.3x", data_dir=str(data_dir))
+    assert all(f.across == 0 for f in hashing.features)  # a table per feature: no cross-feature collisions
+    full = inspect_collisions("movielens-100k", "full", "1x", data_dir=str(data_dir))
+    assert all(f.any == 0 for f in full.features) and full.load_max == 1
+    assert "row load" in small.format() and "user" in small.format()
+    with pytest.raises(ValueError, match="does not read rows of a table"):
+        inspect_collisions("movielens-100k", "dhe", "0.1x", data_dir=str(data_dir))
+
+
+def test_decomposition_shares_sum_to_one_per_shared_row(data_dir):
+    config = make_config(dataset="movielens-100k", method="multiplexed", budget="0.1x", data_dir=str(data_dir),
+                         model_options=TINY_MODEL, max_rows=2000)  # fmt: skip
+    prepared = prepare(config)
+    network = build_network(config, prepared)
+    result = decompose(network, prepared.vocabularies)
+    assert len(result.rows) > 0 and (result.tenants >= 2).all()
+    assert np.allclose(result.shares.sum(1), 1.0) and (result.shares >= 0).all()
+    assert ((result.shares > 0).sum(1) <= result.tenants).all()
+    assert ((0 <= result.cosine) & (result.cosine <= 1 + 1e-9)).all() and np.isfinite(result.cosine).all()
+    assert ((0 <= result.readout) & (result.readout <= 1 + 1e-9)).all()
+    assert result.readout_random[0, 1] < 0.5  # random projections of different features are far from identical
+    assert (
+        np.allclose(result.overlap, result.overlap.T)
+        and (0 <= result.overlap).all()
+        and (result.overlap <= 1 + 1e-9).all()
+    )
+    stored = json.loads(json.dumps(result.to_dict()))
+    assert len(stored["rows"]) <= 40 and stored["summary"]["shared_rows"] == len(result.rows)
+    assert 0 < stored["summary"]["mean_dominant_share"] <= 1
+
+
+def test_frontier_and_domination():
+    def cell(method, params, aucs):
+        return Cell(method, "b", 100, params, 4 * params, np.array(aucs), np.array([0.5] * len(aucs)), 1.0)
+
+    a, b, c = cell("a", 100, [0.70, 0.72]), cell("b", 50, [0.71, 0.71]), cell("c", 200, [0.80, 0.80])
+    assert dominated(a, [a, b, c]) is b  # b: same mean AUC with fewer parameters
+    assert frontier([a, b, c]) == [b, c]
+
+
+def test_method_colours_are_fixed_and_distinct():
+    assert method_colour("unified") == METHOD_COLOURS["unified"] == "#d62728"
+    assert len(set(METHOD_COLOURS.values())) == len(METHOD_COLOURS)
+    assert set(METHODS) <= set(METHOD_COLOURS)
+    assert method_colour("some_new_method") == method_colour("some_new_method")
+    assert method_colour("unified[probes=log]") == method_colour("unified")
+
+
+def test_a_run_killed_mid_way_resumes_from_its_checkpoint_with_identical_results(data_dir, tmp_path, monkeypatch):
+    from unified_embedding import train
+
+    spec = tiny_spec(data_dir, methods=["hashing"], budgets=["0.3x"], epochs=2, patience=5, decompose=[])
+    reference = run_sweep(spec, tmp_path / "reference.db", progress=False)
+    assert reference.finished == 1
+    real_evaluate, calls = train.evaluate, {"n": 0}
+
+    def evaluate_then_die(*args, **kwargs):  # killed at the end of epoch 2, after epoch 1's checkpoint
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, tmp_path / "r.db", progress=False)
+    assert len(list((tmp_path / "r.db.runs").glob("*.ckpt"))) == 1
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    assert run_sweep(spec, tmp_path / "r.db", progress=False).finished == 1
+    with ResultStore(tmp_path / "reference.db") as a, ResultStore(tmp_path / "r.db") as b:
+        (first,), (second,) = a.runs(), b.runs()
+    assert second["test_auc"] == first["test_auc"] and second["result"]["history"] == first["result"]["history"]
+    assert not list((tmp_path / "r.db.runs").iterdir())
