@@ -1,0 +1,88 @@
+"""HashedNets for embeddings (Chen et al., ICML 2015): every coordinate hashed into a flat array.
+
+Coordinate j of the vector of value v of feature f is xi(f, v, j) * w[h(f, v, j)], where w is
+a flat array of weights and xi a random sign (`signed=True`, as in the paper, makes the
+collisions unbiased in inner products). Each coordinate is hashed on its own, so no two
+values share a whole vector; the price is d hashes and d scattered reads per value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Self
+
+from torch import Tensor
+
+from unified_embedding.embeddings.base import Vocabularies, register
+from unified_embedding.embeddings.hash_family import (
+    DEFAULT_DIM,
+    Allocation,
+    Expansion,
+    HashSharingEmbedding,
+    Layout,
+    feature_widths,
+    flat_array_sizes,
+    random_signs,
+    region_sizes,
+)
+from unified_embedding.features import FeatureSet
+
+
+@register
+class HashedNetEmbedding(HashSharingEmbedding):
+    """A flat array of `size` weights per feature (or one shared array); one hash per coordinate.
+
+    `size` is an int (every feature's array, or the shared array) or a mapping of feature to
+    its array's size. With `shared=True` every feature reads the one array, told apart by
+    per-feature salts.
+    """
+
+    name = "hashednet"
+    description = "HashedNet: every (feature, value, coordinate) hashed into a flat weight array, with a sign hash"
+    paper = "Chen et al., Compressing Neural Networks with the Hashing Trick, ICML 2015"
+
+    def __init__(
+        self,
+        features: FeatureSet,
+        size: int | Mapping[str, int],
+        dim: int = DEFAULT_DIM,
+        *,
+        shared: bool = False,
+        signed: bool = True,
+        **options,
+    ) -> None:
+        widths = feature_widths(features, dim)
+        sizes = region_sizes(features, size, shared, "the weight array's size")
+        layout = Layout(features, 1)
+        shared_base = layout.region(next(iter(sizes.values()))) if shared else 0
+        for name, width in widths.items():
+            base = shared_base if shared else layout.region(sizes[name])
+            for j in range(width):
+                layout.read(0, layout.probe(name, sizes[name], "hashednet", j), base)
+        super().__init__(features, layout, 1, **options)
+        self.shared, self.signed = shared, signed
+        self.sizes = sizes
+
+    def rows_and_weights(self, x: Expansion) -> tuple[Tensor, Tensor | None]:
+        rows, _ = super().rows_and_weights(x)
+        return rows, random_signs(x.per_entry(x.keys), self.weight.dtype) if self.signed else None
+
+    @classmethod
+    def from_budget(
+        cls,
+        features: FeatureSet,
+        budget: int,
+        *,
+        vocabularies: Vocabularies | None = None,
+        dim: int = DEFAULT_DIM,
+        shared: bool = False,
+        allocation: Allocation = "proportional",
+        **options,
+    ) -> Self:
+        """Exactly `budget` weights: one array, or one per feature split by cardinality (or equally)."""
+        feature_widths(features, dim)
+        size = flat_array_sizes(features, budget, shared=shared, allocation=allocation, method=cls.name)
+        return cls(features, size, dim, shared=shared, **options)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared={self.shared}, signed={self.signed}"
