@@ -12,12 +12,19 @@ vocabulary lookup (with a last, out-of-vocabulary index), and reads row
 
 and every method's forward is the same single vectorised pass: expand ids to slots, hash
 (or look up), and one `embedding_bag` over all slots, features and examples at once.
+
+`storage="int8"` or `"int4"` (every table method takes it, e.g. `--method-option
+storage=int8`) stores rows as integer codes with a float32 scale per row (quantization.py):
+the forward then gathers the touched rows once, fake-quantises them, and pools them; the
+budget of such a table is read as 4*budget bytes, for every subclass at once, by wrapping
+each subclass's `from_budget` (`__init_subclass__`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,13 @@ from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings.base import EmbeddingMethod, Vocabularies, as_tensor, uniform_init
+from unified_embedding.embeddings.quantization import (
+    Storage,
+    check_storage,
+    fake_quantize_rows,
+    sized_in_bytes,
+    table_bytes,
+)
 from unified_embedding.features import FeatureSet, Pooling
 from unified_embedding.hashing import keys_to_rows, salt, salted_keys
 
@@ -58,8 +72,41 @@ def feature_region(
     return slots, size * chunks
 
 
+def slot_values(batch: Batch, names: Sequence[str], slot_feature: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (slot, example, value) id in slot-major order, the [S*B+1] bag offsets, and each id's slot.
+
+    Slot s reads feature names[slot_feature[s]]; bag s*B + b holds that feature's ids of example b.
+    """
+    offsets = batch.feature_offsets()
+    if batch.keys != tuple(names):
+        offsets = offsets[[_key_position(batch.keys, name) for name in names]]
+    per_slot = offsets[slot_feature]  # [S, B+1]
+    counts = per_slot[:, -1] - per_slot[:, 0]
+    slot_starts = torch.cumsum(counts, 0) - counts
+    slot_of = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    position = torch.arange(slot_of.numel(), device=counts.device) - (slot_starts - per_slot[:, 0])[slot_of]
+    bag_offsets = (per_slot[:, :-1] - per_slot[:, :1] + slot_starts[:, None]).reshape(-1)
+    bag_offsets = torch.cat([bag_offsets, counts.sum().reshape(1)])
+    return batch.values[position], bag_offsets, slot_of
+
+
+def _key_position(keys: tuple[str, ...], name: str) -> int:
+    try:
+        return keys.index(name)
+    except ValueError:
+        raise KeyError(f"the batch has no sparse feature {name!r}; it has {', '.join(keys)}") from None
+
+
 class SlotTableEmbedding(EmbeddingMethod):
     """A [num_rows, chunk_dim] table read through slots; subclasses only choose the slots."""
+
+    #: True when a subclass's `read_rows` changes the rows it reads (so the forward must call it)
+    transforms_rows: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "from_budget" in vars(cls):
+            cls.from_budget = classmethod(sized_in_bytes(vars(cls)["from_budget"].__func__))
 
     def __init__(
         self,
@@ -71,8 +118,10 @@ class SlotTableEmbedding(EmbeddingMethod):
         vocabularies: Vocabularies | None = None,
         init_scale: float = DEFAULT_INIT_SCALE,
         sparse: bool = False,
+        storage: Storage = "fp32",
     ) -> None:
         super().__init__(features)
+        self.storage = check_storage(storage)
         names = features.sparse_names
         slot_features = [s.feature for s in slots]
         if slot_features != sorted(slot_features, key=names.index) or set(slot_features) != set(names):
@@ -96,6 +145,26 @@ class SlotTableEmbedding(EmbeddingMethod):
         for s in slots:
             if s.base < 0 or s.base + s.stride * (s.size - 1) >= num_rows:
                 raise ValueError(f"slot of feature {s.feature!r} reads rows outside the table of {num_rows}")
+        self._build_wide_rows(slots, num_rows)
+
+    def _build_wide_rows(self, slots: Sequence[Slot], num_rows: int) -> None:
+        """Which slot holds chunk 0 of each slot's wide row (`feature_region`), and how many wide rows there are.
+
+        Quantised storage keeps one scale per wide row (a feature's whole vector), not per chunk.
+        """
+        leaders: list[int] = []
+        self.num_wide_rows = num_rows
+        for i, s in enumerate(slots):
+            lead = leaders[-1] if leaders else 0
+            first = slots[lead]
+            same_row = (first.feature, first.salt, first.stride, first.size) == (s.feature, s.salt, s.stride, s.size)
+            if i and same_row and 0 < s.base - first.base == i - lead < s.stride:
+                leaders.append(lead)
+                self.num_wide_rows -= s.size  # its rows are chunks of the leader's rows
+            else:
+                leaders.append(i)
+        self._chunked = leaders != list(range(len(slots)))
+        self.register_buffer("slot_leader", torch.tensor(leaders, dtype=torch.int64), persistent=False)
 
     def _build_vocabulary_index(self, slots: Sequence[Slot], vocabularies: Vocabularies | None) -> None:
         """One sorted array of salted keys for every vocabulary feature: one searchsorted per batch."""
@@ -125,21 +194,12 @@ class SlotTableEmbedding(EmbeddingMethod):
 
     def slot_rows(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Rows read for every (slot, example, value), bag offsets of [S*B] bags, and slot of each row."""
-        offsets = batch.feature_offsets()
-        if batch.keys != self.features.sparse_names:
-            offsets = offsets[[self._key_position(batch.keys, name) for name in self.features.sparse_names]]
-        per_slot = offsets[self.slot_feature]  # [S, B+1]
-        counts = per_slot[:, -1] - per_slot[:, 0]
-        slot_starts = torch.cumsum(counts, 0) - counts
-        slot_of = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-        position = torch.arange(slot_of.numel(), device=counts.device) - (slot_starts - per_slot[:, 0])[slot_of]
-        keys = salted_keys(batch.values[position], self.slot_salt[slot_of])
+        values, bag_offsets, slot_of = slot_values(batch, self.features.sparse_names, self.slot_feature)
+        keys = salted_keys(values, self.slot_salt[slot_of])
         index = keys_to_rows(keys, self.slot_size[slot_of])
         if self._has_vocabulary:
             index = torch.where(self.slot_vocabulary[slot_of], self._vocabulary_lookup(keys, slot_of), index)
         rows = self.slot_base[slot_of] + self.slot_stride[slot_of] * index
-        bag_offsets = (per_slot[:, :-1] - per_slot[:, :1] + slot_starts[:, None]).reshape(-1)
-        bag_offsets = torch.cat([bag_offsets, counts.sum().reshape(1)])
         return rows, bag_offsets, slot_of
 
     def _vocabulary_lookup(self, keys: Tensor, slot_of: Tensor) -> Tensor:
@@ -148,22 +208,47 @@ class SlotTableEmbedding(EmbeddingMethod):
         found = table[position] == keys
         return torch.where(found, self.vocabulary_index[position], self.slot_size[slot_of] - 1)
 
-    @staticmethod
-    def _key_position(keys: tuple[str, ...], name: str) -> int:
-        try:
-            return keys.index(name)
-        except ValueError:
-            raise KeyError(f"the batch has no sparse feature {name!r}; it has {', '.join(keys)}") from None
-
     def forward(self, batch: Batch) -> Tensor:
-        rows, bag_offsets, _ = self.slot_rows(batch)
+        rows, bag_offsets, slot_of = self.slot_rows(batch)
         weights = self._mean_weights(bag_offsets, batch.batch_size) if self._any_mean else None
+        if self.storage == "fp32" and not self.transforms_rows:
+            table, index, sparse = self.weight, rows, self.sparse
+        else:  # pool the rows as read (gathered once, then quantised or transformed)
+            table = self.read_rows(rows, slot_of, bag_offsets)
+            index, sparse = torch.arange(rows.numel(), device=rows.device), False
         pooled = F.embedding_bag(
-            rows, self.weight, bag_offsets, mode="sum", per_sample_weights=weights,
-            include_last_offset=True, sparse=self.sparse,
+            index, table, bag_offsets, mode="sum", per_sample_weights=weights,
+            include_last_offset=True, sparse=sparse,
         )  # fmt: skip
         slots = self.slot_feature.numel()
         return pooled.view(slots, batch.batch_size, self.chunk_dim).transpose(0, 1).reshape(batch.batch_size, -1)
+
+    def read_rows(self, rows: Tensor, slot_of: Tensor, bag_offsets: Tensor) -> Tensor:
+        """Table rows `rows` (read by slots `slot_of`) as the model sees them: [len(rows), chunk_dim].
+
+        Fake-quantised under int8/int4 storage, so training sees what a deployment reads.
+        """
+        gathered = F.embedding(rows, self.weight, sparse=self.sparse)
+        if self.storage == "fp32":
+            return gathered
+        wide_rows = self._wide_row_of(slot_of, bag_offsets) if self._chunked else None
+        return fake_quantize_rows(gathered, self.storage, wide_rows)
+
+    def _wide_row_of(self, slot_of: Tensor, bag_offsets: Tensor) -> Tensor:
+        """For every row read, the position (in `rows`) of chunk 0 of the same wide row.
+
+        Every chunk slot of a feature reads the feature's ids in the same order, so the k-th
+        row of a chunk slot and the k-th row of its leader slot belong to one wide row.
+        """
+        num_slots = self.slot_feature.numel()
+        starts = bag_offsets[torch.arange(num_slots, device=slot_of.device) * ((bag_offsets.numel() - 1) // num_slots)]
+        position = torch.arange(slot_of.numel(), device=slot_of.device) - starts[slot_of]
+        return starts[self.slot_leader[slot_of]] + position
+
+    def num_bytes(self) -> int:
+        """The table as stored (float32, or codes plus a scale per wide row), plus 4 bytes per other parameter."""
+        others = sum(p.numel() for p in self.parameters() if p is not self.weight)
+        return table_bytes(self.weight.numel(), self.num_wide_rows, self.storage) + 4 * others
 
     def _mean_weights(self, bag_offsets: Tensor, batch_size: int) -> Tensor:
         """1/len for each value of a mean-pooled bag (an empty bag stays a zero vector)."""
