@@ -26,13 +26,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import BudgetError, EmbeddingMethod, uniform_init
+from unified_embedding.embeddings.base import BudgetError, EmbeddingMethod, Vocabularies, uniform_init
 from unified_embedding.embeddings.full import DEFAULT_DIM
 from unified_embedding.embeddings.hashed import Allocation, _allocation_weights
 from unified_embedding.embeddings.table import DEFAULT_INIT_SCALE
@@ -419,3 +420,34 @@ def flat_array_sizes(
     names = features.sparse_names
     ones = dict.fromkeys(names, 1)
     return split_budget(budget, allocation_weights(features, allocation), ones, ones, method=method)
+
+
+class FlatArrayEmbedding(HashSharingEmbedding):
+    """HashedNet and ROBE: single weights of one flat array (or one per feature), with random signs.
+
+    Both spend exactly the budget (the array is as long as the budget allows) and differ only
+    in which positions a vector's coordinates read.
+    """
+
+    signed: bool
+
+    def rows_and_weights(self, x: Expansion) -> tuple[Tensor, Tensor | None]:
+        rows, _ = super().rows_and_weights(x)
+        return rows, random_signs(x.per_entry(x.keys), self.weight.dtype) if self.signed else None
+
+    @classmethod
+    def from_budget(
+        cls,
+        features: FeatureSet,
+        budget: int,
+        *,
+        vocabularies: Vocabularies | None = None,
+        dim: int = DEFAULT_DIM,
+        shared: bool = False,
+        allocation: Allocation = "proportional",
+        **options,
+    ) -> Self:
+        """Exactly `budget` weights: one array, or one per feature split by cardinality (or equally)."""
+        feature_widths(features, dim)
+        size = flat_array_sizes(features, budget, shared=shared, allocation=allocation, method=cls.name)
+        return cls(features, size, dim, shared=shared, **options)

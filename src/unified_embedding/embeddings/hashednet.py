@@ -9,27 +9,21 @@ values share a whole vector; the price is d hashes and d scattered reads per val
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Self
 
-from torch import Tensor
 
-from unified_embedding.embeddings.base import Vocabularies, register
+from unified_embedding.embeddings.base import register
 from unified_embedding.embeddings.hash_family import (
     DEFAULT_DIM,
-    Allocation,
-    Expansion,
-    HashSharingEmbedding,
+    FlatArrayEmbedding,
     Layout,
     feature_widths,
-    flat_array_sizes,
-    random_signs,
     region_sizes,
 )
 from unified_embedding.features import FeatureSet
 
 
 @register
-class HashedNetEmbedding(HashSharingEmbedding):
+class HashedNetEmbedding(FlatArrayEmbedding):
     """A flat array of `size` weights per feature (or one shared array); one hash per coordinate.
 
     `size` is an int (every feature's array, or the shared array) or a mapping of feature to
@@ -62,27 +56,6 @@ class HashedNetEmbedding(HashSharingEmbedding):
         super().__init__(features, layout, 1, **options)
         self.shared, self.signed = shared, signed
         self.sizes = sizes
-
-    def rows_and_weights(self, x: Expansion) -> tuple[Tensor, Tensor | None]:
-        rows, _ = super().rows_and_weights(x)
-        return rows, random_signs(x.per_entry(x.keys), self.weight.dtype) if self.signed else None
-
-    @classmethod
-    def from_budget(
-        cls,
-        features: FeatureSet,
-        budget: int,
-        *,
-        vocabularies: Vocabularies | None = None,
-        dim: int = DEFAULT_DIM,
-        shared: bool = False,
-        allocation: Allocation = "proportional",
-        **options,
-    ) -> Self:
-        """Exactly `budget` weights: one array, or one per feature split by cardinality (or equally)."""
-        feature_widths(features, dim)
-        size = flat_array_sizes(features, budget, shared=shared, allocation=allocation, method=cls.name)
-        return cls(features, size, dim, shared=shared, **options)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shared={self.shared}, signed={self.signed}"
