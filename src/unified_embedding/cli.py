@@ -12,6 +12,7 @@ from pathlib import Path
 from unified_embedding.bench import commands as bench_commands
 from unified_embedding.data import DATASETS, BadInputError, resolve_data_dir
 from unified_embedding.data.download import DownloadError, download
+from unified_embedding.dist import plan
 from unified_embedding.embeddings import METHODS, BudgetError
 from unified_embedding.train import TrainConfig, Trainer, evaluate_run
 
@@ -50,6 +51,7 @@ def _add_train(commands) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N batches (0: each epoch)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1, help="train sharded over N processes with TorchRec (row-wise)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -60,7 +62,15 @@ def _train(args: argparse.Namespace) -> int:
         on_bad_rows=args.on_bad_rows, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
         method_options=dict(args.method_option), model_options=dict(args.model_option),
     )  # fmt: skip
-    result = Trainer(config, args.output, progress=not args.quiet).run(resume=args.resume)
+    if args.nproc > 1:
+        from unified_embedding.dist import require_torchrec
+
+        require_torchrec()
+        from unified_embedding.dist.train import launch
+
+        result = launch(config, args.output, nproc=args.nproc, resume=args.resume, progress=not args.quiet)
+    else:
+        result = Trainer(config, args.output, progress=not args.quiet).run(resume=args.resume)
     keys = ["dataset", "method", "model", "num_embedding_params", "val_auc", "test_auc", "test_logloss",
             "train_seconds", "examples_per_second", "bad_rows_skipped"]  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}, indent=2))
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands.add_bench_arguments(commands.add_parser("bench", help=bench_commands.BENCH_HELP))
     bench_commands.add_report_arguments(commands.add_parser("report", help=bench_commands.REPORT_HELP))
     bench_commands.add_inspect_arguments(commands.add_parser("inspect", help=bench_commands.INSPECT_HELP))
+    plan.add_arguments(commands.add_parser("plan", help="TorchRec sharding plan and per-rank memory for a unified table"))
     return parser
 
 
@@ -123,6 +134,7 @@ HANDLERS = {
     "bench": bench_commands.run_bench,
     "report": bench_commands.run_report,
     "inspect": bench_commands.run_inspect,
+    "plan": plan.run,
 }
 
 
@@ -130,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return HANDLERS[args.command](args)
-    except (BadInputError, BudgetError, DownloadError, FileNotFoundError, ValueError) as error:
+    except (BadInputError, BudgetError, DownloadError, FileNotFoundError, ImportError, RuntimeError, ValueError) as error:
         print(f"ue {args.command}: error: {error}", file=sys.stderr)
         return 2
 
