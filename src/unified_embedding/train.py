@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import unified_embedding
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
 from unified_embedding.data import BatchLoader, CTRData, Split, load_dataset, split_indices, vocabularies
-from unified_embedding.embeddings import FullEmbedding, build_embedding, get_method
+from unified_embedding.embeddings import EmbeddingMethod, FullEmbedding, build_embedding, get_method
 from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.features import FeatureSet
 from unified_embedding.models import MODELS
@@ -292,38 +292,51 @@ class Trainer:
     def _result(self, network: CTRNetwork, prepared: Prepared, state: dict[str, Any]) -> dict[str, Any]:
         valid = evaluate(network, BatchLoader(prepared.data, prepared.split.valid, 8192))
         test = evaluate(network, BatchLoader(prepared.data, prepared.split.test, 8192))
-        config = self.config
-        return {
-            "dataset": config.dataset,
-            "method": config.method,
-            "model": config.model,
-            "seed": config.seed,
-            "budget": prepared.budget,
-            "full_embedding_params": prepared.full_parameters,
-            "num_embedding_params": network.embedding.num_parameters(),
-            "num_embedding_bytes": network.embedding.num_bytes(),
-            "num_params": sum(p.numel() for p in network.parameters()),
-            "val_auc": valid["auc"],
-            "val_logloss": valid["logloss"],
-            "test_auc": test["auc"],
-            "test_logloss": test["logloss"],
-            "best_epoch": state["best_epoch"],
-            "epochs_run": state["epoch"],
-            "history": state["history"],
-            "train_seconds": state["train_seconds"],
-            "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
-            "bad_rows_skipped": prepared.data.bad_rows_skipped,
-            "rows": {"train": len(prepared.split.train), "valid": len(prepared.split.valid), "test": len(prepared.split.test)},
-            "embedding": {"out_dims": network.embedding.out_dims, "output_dim": network.embedding.output_dim},
-            "config": asdict(config),
-            "fingerprint": config.fingerprint(),
-            "versions": {
-                "unified_embedding": unified_embedding.__version__,
-                "torch": torch.__version__,
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
-            },
-        }
+        num_params = sum(p.numel() for p in network.parameters())
+        return run_record(self.config, prepared, network.embedding, num_params, valid, test, state)
+
+
+def run_record(
+    config: TrainConfig,
+    prepared: Prepared,
+    embedding: EmbeddingMethod,
+    num_params: int,
+    valid: dict[str, float],
+    test: dict[str, float],
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """The run.json of a finished run: one format for single-process and sharded training."""
+    return {
+        "dataset": config.dataset,
+        "method": config.method,
+        "model": config.model,
+        "seed": config.seed,
+        "budget": prepared.budget,
+        "full_embedding_params": prepared.full_parameters,
+        "num_embedding_params": embedding.num_parameters(),
+        "num_embedding_bytes": embedding.num_bytes(),
+        "num_params": num_params,
+        "val_auc": valid["auc"],
+        "val_logloss": valid["logloss"],
+        "test_auc": test["auc"],
+        "test_logloss": test["logloss"],
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "history": state["history"],
+        "train_seconds": state["train_seconds"],
+        "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
+        "bad_rows_skipped": prepared.data.bad_rows_skipped,
+        "rows": {"train": len(prepared.split.train), "valid": len(prepared.split.valid), "test": len(prepared.split.test)},
+        "embedding": {"out_dims": embedding.out_dims, "output_dim": embedding.output_dim},
+        "config": asdict(config),
+        "fingerprint": config.fingerprint(),
+        "versions": {
+            "unified_embedding": unified_embedding.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+    }
 
 
 def evaluate_run(run_file: str | Path, split: Literal["valid", "test"] = "test") -> dict[str, float]:

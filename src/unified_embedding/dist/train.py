@@ -54,13 +54,12 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm.auto import tqdm
 
-import unified_embedding
 from unified_embedding.batch import Batch
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
 from unified_embedding.data import BatchLoader
 from unified_embedding.dist.modules import TABLE, check_shardable, single_state_dict, to_torchrec
 from unified_embedding.dist.sharding import EBC_PATH, combined_optimizer, shard_network
-from unified_embedding.train import TrainConfig, build_network, prepare
+from unified_embedding.train import TrainConfig, build_network, prepare, run_record
 
 #: The run writes the single-process model file (run.pt) when the table is at most this big.
 CONSOLIDATE_LIMIT_BYTES = 8 << 30
@@ -267,52 +266,19 @@ class DistributedTrainer:
         embedding = _unwrap(model).embedding
         config = self.config
         table_rows = embedding.num_rows
-        return {
-            "dataset": config.dataset,
-            "method": config.method,
-            "model": config.model,
-            "seed": config.seed,
-            "budget": prepared.budget,
-            "full_embedding_params": prepared.full_parameters,
-            "num_embedding_params": embedding.num_parameters(),
-            "num_embedding_bytes": embedding.num_bytes(),
-            "num_params": embedding.num_parameters() + sum(p.numel() for p in _unwrap(model).model.parameters()),
-            "val_auc": valid["auc"],
-            "val_logloss": valid["logloss"],
-            "test_auc": test["auc"],
-            "test_logloss": test["logloss"],
-            "best_epoch": state["best_epoch"],
-            "epochs_run": state["epoch"],
-            "history": state["history"],
-            "train_seconds": state["train_seconds"],
-            "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
-            "bad_rows_skipped": prepared.data.bad_rows_skipped,
-            "rows": {
-                "train": len(prepared.split.train),
-                "valid": len(prepared.split.valid),
-                "test": len(prepared.split.test),
-            },
-            "embedding": {"out_dims": embedding.out_dims, "output_dim": embedding.output_dim},
-            "config": asdict(config),
-            "fingerprint": config.fingerprint(),
-            "distributed": {
-                "world_size": self.world,
-                "backend": dist.get_backend(),
-                "device": self.device.type,
-                "sharding": "row_wise",
-                "rows_per_rank": _rows_per_rank(model, table_rows, self.world),
-                "table_optimizer": table_optimizer,
-                "checkpoints": str(self.checkpoints),
-            },
-            "versions": {
-                "unified_embedding": unified_embedding.__version__,
-                "torch": torch.__version__,
-                "torchrec": _version("torchrec"),
-                "fbgemm_gpu": _version("fbgemm_gpu"),
-                "python": sys.version.split()[0],
-                "platform": __import__("platform").platform(),
-            },
+        num_params = embedding.num_parameters() + sum(p.numel() for p in _unwrap(model).model.parameters())
+        record = run_record(config, prepared, embedding, num_params, valid, test, state)
+        record["distributed"] = {
+            "world_size": self.world,
+            "backend": dist.get_backend(),
+            "device": self.device.type,
+            "sharding": "row_wise",
+            "rows_per_rank": _rows_per_rank(model, table_rows, self.world),
+            "table_optimizer": table_optimizer,
+            "checkpoints": str(self.checkpoints),
         }
+        record["versions"] |= {"torchrec": _version("torchrec"), "fbgemm_gpu": _version("fbgemm_gpu")}
+        return record
 
     def _write_outputs(self, model: nn.Module, result: dict[str, Any]) -> None:
         embedding = _unwrap(model).embedding
