@@ -271,6 +271,21 @@ def test_pep_cap_keeps_the_largest_effective_weights():
     assert torch.equal(table.flatten()[top], effective.flatten()[top])
 
 
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_pep_cap_mask_is_straight_through(straight_through):
+    pep = PEPEmbedding(FEATURES, VOCABULARIES, keep=50, prune_steps=0, straight_through=straight_through)
+    batch = make_batch(64)
+    out = pep(batch)
+    assert int((out != 0).sum()) <= 50 * 64  # the forward reads the capped table either way
+    out.sum().backward()
+    rows, _, _ = pep.slot_rows(batch)
+    effective = pep.effective_table()[rows].abs()
+    capped_off = (effective <= pep.cutoff(50)) & (effective > 0)  # above the soft threshold, below the cap
+    grads = pep.weight.grad[rows][capped_off]
+    assert bool(capped_off.any())
+    assert bool((grads != 0).all()) if straight_through else bool((grads == 0).all())
+
+
 def test_pep_cap_falls_during_training_and_is_final_in_evaluation():
     pep = PEPEmbedding(FEATURES, VOCABULARIES, keep=100, prune_steps=10)
     total = pep.weight.numel()
