@@ -61,10 +61,11 @@ class TTRecEmbedding(ComposedEmbedding):
 
         row[j1, j2, j3] = sum_{a, b} G1[i1, j1, a] * G2[i2, a, j2, b] * G3[i3, b, j3],
 
-    computed for every value of the batch at once as two batched matrix products. The cores
-    start Gaussian with std (s / R)^(1/3), so a reconstructed entry has std s, the std of the
-    plain tables' Uniform(-0.05, 0.05) start (TT-Rec likewise samples the cores so that
-    the reconstructed rows, not each core, have the intended distribution).
+    computed for every distinct index of the batch at once as two batched matrix products.
+    The cores start Gaussian with std (s / R)^(1/3) (`composition.factor_std`), so a
+    reconstructed entry has std s, the std of the plain tables' Uniform(-0.05, 0.05) start
+    (TT-Rec likewise samples the cores so that the reconstructed rows, not each core, have
+    the intended distribution).
 
     Like qr, the index is a hash into the cores' whole n1*n2*n3 range instead of a
     vocabulary position, so no vocabulary is needed and every core row is reachable.
