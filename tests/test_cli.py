@@ -34,3 +34,12 @@ def test_unknown_dataset_and_bad_budget_are_one_line_errors(data_dir, tmp_path, 
 def test_download_refuses_datasets_without_an_official_url(tmp_path, capsys):
     assert main(["datasets", "download", "avazu", "--data-dir", str(tmp_path)]) == 2
     assert "avazu" in capsys.readouterr().err
+
+
+def test_method_options_read_true_and_false_as_booleans():
+    from unified_embedding.cli import _option
+
+    assert _option("shared=false") == ("shared", False)
+    assert _option("shared=True") == ("shared", True)
+    assert _option("probes=3") == ("probes", 3)
+    assert _option("storage=int8") == ("storage", "int8")

@@ -18,10 +18,12 @@ from unified_embedding.train import TrainConfig, Trainer, evaluate_run
 
 
 def _option(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as a Python literal when it is one (2, 0.5, True, [8, 8]), else a string."""
+    """KEY=VALUE with VALUE read as true/false, a Python literal (2, 0.5, [8, 8]), or else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key.replace("-", "_"), value.lower() == "true"
     try:
         return key.replace("-", "_"), ast.literal_eval(value)
     except (ValueError, SyntaxError):
