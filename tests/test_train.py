@@ -51,8 +51,9 @@ def test_same_seed_gives_identical_metrics(data_dir):
     assert other_seed["val_logloss"] != first["val_logloss"]
 
 
-def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    config = small_config(data_dir, checkpoint_every=5)
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-optimizer", "fused-update"])
+def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, fused):
+    config = small_config(data_dir, checkpoint_every=5, fused=fused)
     reference = Trainer(config, progress=False).run()
     output = tmp_path / "run.json"
     # Crash at the 7th optimizer step of the first epoch; the last checkpoint is at batch 5.
@@ -123,7 +124,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
 
 
 def test_bad_configuration_is_refused_in_one_place(data_dir):
-    for bad in ({"method": "nope"}, {"model": "nope"}, {"optimizer": "sgd"}, {"epochs": 0}, {"lr": -1.0}):
+    bad_values = ({"method": "nope"}, {"model": "nope"}, {"optimizer": "sgd"}, {"epochs": 0}, {"lr": -1.0},
+                  {"sparse": True, "fused": True})  # fmt: skip
+    for bad in bad_values:
         with pytest.raises(ValueError):
             small_config(data_dir, **bad).validate()
 
@@ -139,7 +142,24 @@ def test_cli_reports_bad_input_with_file_and_line(tmp_path, capsys):
     assert code == 2 and "clicks.csv" in err and ":3" in err and "price" in err
 
 
-def test_adagrad_and_sparse_adam_train(data_dir):
-    for overrides in ({"optimizer": "adagrad"}, {"sparse": True}):
+def test_adagrad_sparse_adam_and_fused_updates_train(data_dir):
+    for overrides in (
+        {"optimizer": "adagrad"},
+        {"sparse": True},
+        {"fused": True},
+        {"fused": True, "optimizer": "adagrad"},
+    ):
         run = Trainer(small_config(data_dir, epochs=1, **overrides), progress=False).run()
         assert 0.5 < run["test_auc"] <= 1
+
+
+def test_the_fused_update_leaves_the_table_out_of_the_torch_optimizer(data_dir):
+    from unified_embedding.train import build_network, prepare
+
+    config = small_config(data_dir, fused=True)
+    network = build_network(config, prepare(config))
+    optimizers = Optimizers(network, "adam", None, fused=True)
+    handed = {id(p) for o in optimizers.optimizers for group in o.param_groups for p in group["params"]}
+    assert id(network.embedding.weight) not in handed
+    assert len(handed) == sum(1 for _ in network.parameters()) - 1
+    assert [r.table for r in optimizers.row_optimizers] == [network.embedding.weight]

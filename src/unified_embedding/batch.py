@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -52,6 +53,14 @@ class Batch:
         ends = flat.view(len(self.keys), self.batch_size)
         starts = ends[:, :1] - per_feature[:, :1]
         return torch.cat([starts, ends], dim=1)
+
+    @cached_property
+    def single_valued(self) -> bool:
+        """Every feature has exactly one id per example: the common case embeddings take a faster path for.
+
+        Computed once per batch (several stages of a forward ask).
+        """
+        return self.values.numel() == self.lengths.numel() and bool((self.lengths == 1).all())
 
     def ids(self, key: str) -> Tensor:
         """All ids of one feature, in example order."""

@@ -34,18 +34,20 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _shr(x: Tensor, bits: int) -> Tensor:
-    """Logical right shift of int64 (torch only has the arithmetic one)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def mix64(x: Tensor) -> Tensor:
-    """SplitMix64 finaliser on an int64 tensor (bits read as unsigned)."""
-    x = x ^ _shr(x, 30)
-    x = x * _signed(_M1)
-    x = x ^ _shr(x, 27)
-    x = x * _signed(_M2)
-    return x ^ _shr(x, 31)
+    """SplitMix64 finaliser on an int64 tensor (bits read as unsigned); `x` is left unchanged."""
+    return _mix64_(x.clone())
+
+
+def _mix64_(x: Tensor) -> Tensor:
+    """`mix64` in place: the embedding forward hashes every lookup, and in-place ops halve its memory traffic."""
+    shifted = torch.empty_like(x)
+    for bits, multiplier in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=shifted)
+        x ^= shifted.bitwise_and_((1 << (64 - bits)) - 1)
+        if multiplier is not None:
+            x *= _signed(multiplier)
+    return x
 
 
 def mix64_numpy(x: np.ndarray) -> np.ndarray:
@@ -68,7 +70,7 @@ def salt(feature: str, probe: int = 0) -> int:
 
 def salted_keys(values: Tensor, salts: Tensor) -> Tensor:
     """A per-(feature, probe) bijection of int64 value ids: distinct values never share a key."""
-    return mix64(values ^ salts)
+    return _mix64_(values ^ salts)
 
 
 def keys_to_rows(keys: Tensor, num_rows: int | Tensor) -> Tensor:
@@ -78,7 +80,10 @@ def keys_to_rows(keys: Tensor, num_rows: int | Tensor) -> Tensor:
     hands to vocabulary lookups too), and the top bit is dropped so the remainder is never
     negative.
     """
-    return _shr(mix64(keys + _signed(_GOLDEN)), 1) % num_rows
+    rows = _mix64_(keys + _signed(_GOLDEN))
+    rows >>= 1
+    rows &= (1 << 63) - 1
+    return rows.remainder_(num_rows)
 
 
 def hash_to_rows(values: Tensor, salts: Tensor, num_rows: int | Tensor) -> Tensor:

@@ -51,6 +51,7 @@ class TrainConfig:
     lr: float | None = None
     optimizer: Literal["adam", "adagrad"] = "adam"
     sparse: bool = False
+    fused: bool = False
     split: Literal["random", "time"] = "random"
     split_seed: int = 0
     on_bad_rows: Literal["raise", "skip"] = "raise"
@@ -73,6 +74,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sparse and self.fused:
+            raise ValueError("choose one of sparse (torch sparse gradients) and fused (update inside backward)")
         if self.patience < 0 or self.checkpoint_every < 0:
             raise ValueError("patience and checkpoint_every must be >= 0")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or self.max_rows < 10):
@@ -84,8 +87,9 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Identifies the run's result: everything but where the data happens to live."""
         defining = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "checkpoint_every")}
-        if self.max_rows is None:
-            del defining["max_rows"]  # fingerprints of whole-dataset runs predate the field
+        for newer in ("max_rows", "fused"):  # fingerprints of runs without them predate these fields
+            if not defining[newer]:
+                del defining[newer]
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
@@ -132,15 +136,21 @@ def build_network(config: TrainConfig, prepared: Prepared) -> CTRNetwork:
 
 
 class Optimizers:
-    """Adam or Adagrad over the network; Adam's sparse-gradient tables get SparseAdam."""
+    """Adam or Adagrad over the network; Adam's sparse-gradient tables get SparseAdam.
 
-    def __init__(self, network: CTRNetwork, name: str, lr: float | None) -> None:
+    With `fused`, the embedding's tables are updated inside backward by row optimizers of
+    the same kind (fused.py) and the torch optimizer gets every other parameter.
+    """
+
+    def __init__(self, network: CTRNetwork, name: str, lr: float | None, *, fused: bool = False) -> None:
         lr = lr or DEFAULT_LR[name]
-        sparse = list(network.embedding.parameters()) if network.embedding.sparse else []
-        ids = {id(p) for p in sparse}
-        dense = [p for p in network.parameters() if id(p) not in ids]
+        self.row_optimizers = network.embedding.fuse_optimizer(name, lr) if fused else []
+        owned = {id(r.table) for r in self.row_optimizers}
+        sparse = [p for p in network.embedding.parameters() if id(p) not in owned] if network.embedding.sparse else []
+        owned |= {id(p) for p in sparse}
+        dense = [p for p in network.parameters() if id(p) not in owned]
         if name == "adagrad":
-            self.optimizers = [torch.optim.Adagrad(network.parameters(), lr=lr)]
+            self.optimizers = [torch.optim.Adagrad(dense + sparse, lr=lr)]
         else:
             self.optimizers = [torch.optim.Adam(dense, lr=lr)]
             if sparse:
@@ -155,10 +165,10 @@ class Optimizers:
             optimizer.step()
 
     def state_dict(self) -> list[dict]:
-        return [optimizer.state_dict() for optimizer in self.optimizers]
+        return [optimizer.state_dict() for optimizer in [*self.optimizers, *self.row_optimizers]]
 
     def load_state_dict(self, states: list[dict]) -> None:
-        for optimizer, state in zip(self.optimizers, states, strict=True):
+        for optimizer, state in zip([*self.optimizers, *self.row_optimizers], states, strict=True):
             optimizer.load_state_dict(state)
 
 
@@ -199,7 +209,7 @@ class Trainer:
         config = self.config
         prepared = prepare(config)
         network = build_network(config, prepared)
-        optimizers = Optimizers(network, config.optimizer, config.lr)
+        optimizers = Optimizers(network, config.optimizer, config.lr, fused=config.fused)
         train_loader = BatchLoader(prepared.data, prepared.split.train, config.batch_size, shuffle=True, seed=config.seed)
         valid_loader = BatchLoader(prepared.data, prepared.split.valid, 8192)
         state = self._fresh_state()

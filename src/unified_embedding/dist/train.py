@@ -421,6 +421,8 @@ def launch(config: TrainConfig, output: str | Path, *, nproc: int, resume: bool 
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if config.fused:
+        raise ValueError("sharded training always updates the table inside backward (fbgemm's kernels); drop fused")
     command = launch_command(config, output, nproc=nproc, resume=resume, progress=progress)
     completed = subprocess.run(command, timeout=timeout, check=False)
     if completed.returncode != 0:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
 from unified_embedding.features import FeatureSet
+from unified_embedding.fused import RowOptimizer
 
 Vocabularies = Mapping[str, np.ndarray | Tensor]
 
@@ -68,6 +69,14 @@ class EmbeddingMethod(nn.Module, ABC):
     def num_bytes(self) -> int:
         """Bytes a deployment stores for the method (float32 unless the method stores less)."""
         return 4 * self.num_parameters()
+
+    def fuse_optimizer(self, kind: str, lr: float, **options) -> list[RowOptimizer]:
+        """Move the update of the method's tables into its backward pass (fused.py).
+
+        Returns the row optimizers now owning those tables; the caller's torch optimizer must
+        leave their tables alone. Only methods that read one plain table support it.
+        """
+        raise ValueError(f"method {self.name!r} has no table the fused update can own")
 
     def extra_loss(self) -> Tensor | None:
         """A method's own training loss term (a sparsity penalty, say), added by the trainer."""

@@ -40,7 +40,9 @@ from unified_embedding.embeddings.quantization import (
     table_bytes,
 )
 from unified_embedding.features import FeatureSet, Pooling
+from unified_embedding.fused import RowOptimizer, RowOptimizerKind, fused_embedding_bag
 from unified_embedding.hashing import keys_to_rows, salt, salted_keys
+from unified_embedding.memory import zeros_on_huge_pages
 
 #: Uniform(-0.05, 0.05): the scale used by Google's Unified Embedding tutorial and Keras'
 #: default embedding initialiser; trains well with Adam at lr 1e-3 on our datasets.
@@ -76,18 +78,45 @@ def slot_values(batch: Batch, names: Sequence[str], slot_feature: Tensor) -> tup
     """Every (slot, example, value) id in slot-major order, the [S*B+1] bag offsets, and each id's slot.
 
     Slot s reads feature names[slot_feature[s]]; bag s*B + b holds that feature's ids of example b.
+    (Slot-major is TorchRec's KeyedJaggedTensor order, one key per slot.)
     """
+    batch_size, device = batch.batch_size, batch.values.device
+    if batch.single_valued:  # no offsets to follow
+        by_feature = batch.values.view(len(batch.keys), batch_size)
+        slots = slot_feature.numel()
+        if batch.keys != tuple(names) or slots != len(names) or not bool((slot_feature == torch.arange(slots)).all()):
+            by_feature = by_feature[[_key_position(batch.keys, name) for name in names]][slot_feature]
+        bag_offsets = torch.arange(slots * batch_size + 1, device=device)
+        slot_of = torch.arange(slots, device=device).repeat_interleave(batch_size)
+        return by_feature.reshape(-1), bag_offsets, slot_of
     offsets = batch.feature_offsets()
     if batch.keys != tuple(names):
         offsets = offsets[[_key_position(batch.keys, name) for name in names]]
     per_slot = offsets[slot_feature]  # [S, B+1]
     counts = per_slot[:, -1] - per_slot[:, 0]
     slot_starts = torch.cumsum(counts, 0) - counts
-    slot_of = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    position = torch.arange(slot_of.numel(), device=counts.device) - (slot_starts - per_slot[:, 0])[slot_of]
+    slot_of = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    position = torch.arange(slot_of.numel(), device=device) - (slot_starts - per_slot[:, 0])[slot_of]
     bag_offsets = (per_slot[:, :-1] - per_slot[:, :1] + slot_starts[:, None]).reshape(-1)
     bag_offsets = torch.cat([bag_offsets, counts.sum().reshape(1)])
     return batch.values[position], bag_offsets, slot_of
+
+
+def example_major(bag_offsets: Tensor, slots: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Reorder slot-major bags (s*B + b) to example-major (b*S + s): the lookup order and new offsets.
+
+    Pooling in example-major order writes each example's slots side by side, so the pooled
+    [B*S, d] rows already are the [B, S*d] output: permuting the int64 lookups is far cheaper
+    than transposing the float output.
+    """
+    device = bag_offsets.device
+    total = int(bag_offsets[-1])
+    lengths = torch.diff(bag_offsets).view(slots, batch_size).t().reshape(-1)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    starts = bag_offsets[:-1].view(slots, batch_size).t().reshape(-1)
+    order = torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
+    return order + torch.arange(total, device=device), offsets
 
 
 def _key_position(keys: tuple[str, ...], name: str) -> int:
@@ -128,7 +157,8 @@ class SlotTableEmbedding(EmbeddingMethod):
             raise ValueError("slots must cover every sparse feature, grouped in feature order")
         self.chunk_dim = chunk_dim
         self.sparse = sparse
-        self.weight = nn.Parameter(torch.empty(num_rows, chunk_dim))
+        self.row_optimizer: RowOptimizer | None = None
+        self.weight = nn.Parameter(zeros_on_huge_pages(num_rows, chunk_dim))
         uniform_init(self.weight, init_scale)
         self._out_dims = {name: chunk_dim * slot_features.count(name) for name in names}
         index = {name: i for i, name in enumerate(names)}
@@ -195,33 +225,66 @@ class SlotTableEmbedding(EmbeddingMethod):
     def slot_rows(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Rows read for every (slot, example, value), bag offsets of [S*B] bags, and slot of each row."""
         values, bag_offsets, slot_of = slot_values(batch, self.features.sparse_names, self.slot_feature)
-        keys = salted_keys(values, self.slot_salt[slot_of])
-        index = keys_to_rows(keys, self.slot_size[slot_of])
-        if self._has_vocabulary:
-            index = torch.where(self.slot_vocabulary[slot_of], self._vocabulary_lookup(keys, slot_of), index)
-        rows = self.slot_base[slot_of] + self.slot_stride[slot_of] * index
-        return rows, bag_offsets, slot_of
+        if batch.single_valued:  # values are [S, B]: per-slot settings broadcast instead of being gathered
+            values = values.view(self.slot_feature.numel(), batch.batch_size)
 
-    def _vocabulary_lookup(self, keys: Tensor, slot_of: Tensor) -> Tensor:
+            def per_lookup(setting: Tensor) -> Tensor:
+                return setting[:, None]
+        else:
+
+            def per_lookup(setting: Tensor) -> Tensor:
+                return setting[slot_of]
+
+        keys = salted_keys(values, per_lookup(self.slot_salt))
+        size = per_lookup(self.slot_size)
+        index = keys_to_rows(keys, size)
+        if self._has_vocabulary:
+            index = torch.where(per_lookup(self.slot_vocabulary), self._vocabulary_lookup(keys, size), index)
+        rows = index.mul_(per_lookup(self.slot_stride)).add_(per_lookup(self.slot_base))
+        return rows.view(-1), bag_offsets, slot_of
+
+    def _vocabulary_lookup(self, keys: Tensor, size: Tensor) -> Tensor:
+        """Each key's vocabulary index, or its slot's last index (size - 1) when it has none."""
         table = self.vocabulary_keys
         position = torch.searchsorted(table, keys).clamp_(max=max(table.numel() - 1, 0))
         found = table[position] == keys
-        return torch.where(found, self.vocabulary_index[position], self.slot_size[slot_of] - 1)
+        return torch.where(found, self.vocabulary_index[position], size - 1)
+
+    def fuse_optimizer(self, kind: RowOptimizerKind, lr: float, **options) -> list[RowOptimizer]:
+        """Update the table inside backward (fused.py); the caller's torch optimizer must skip `weight`."""
+        if self.storage != "fp32" or self.transforms_rows or self.sparse:
+            raise ValueError(
+                f"{self.name}: the fused update needs a plain float32 table read as stored "
+                f"(storage={self.storage!r}, sparse={self.sparse})"
+            )
+        self.row_optimizer = RowOptimizer(kind, self.weight, lr, **options)
+        return [self.row_optimizer]
 
     def forward(self, batch: Batch) -> Tensor:
         rows, bag_offsets, slot_of = self.slot_rows(batch)
-        weights = self._mean_weights(bag_offsets, batch.batch_size) if self._any_mean else None
-        if self.storage == "fp32" and not self.transforms_rows:
-            table, index, sparse = self.weight, rows, self.sparse
+        slots, batch_size = self.slot_feature.numel(), batch.batch_size
+        reads_table = self.storage == "fp32" and not self.transforms_rows
+        if batch.single_valued and reads_table:  # one row per bag: transposing the rows is the reorder
+            example_rows, offsets, weights = rows.view(slots, batch_size).t().reshape(-1), bag_offsets, None
+        else:
+            order, offsets = example_major(bag_offsets, slots, batch_size)
+            weights = self._mean_weights(bag_offsets, batch_size)[order] if self._any_mean else None
+            example_rows = rows[order]
+        if self.row_optimizer is not None:
+            pooled = fused_embedding_bag(
+                example_rows, offsets, self.row_optimizer, weights, one_per_bag=batch.single_valued
+            )
+        elif reads_table:
+            pooled = F.embedding_bag(
+                example_rows, self.weight, offsets, mode="sum", per_sample_weights=weights,
+                include_last_offset=True, sparse=self.sparse,
+            )  # fmt: skip
         else:  # pool the rows as read (gathered once, then quantised or transformed)
             table = self.read_rows(rows, slot_of, bag_offsets)
-            index, sparse = torch.arange(rows.numel(), device=rows.device), False
-        pooled = F.embedding_bag(
-            index, table, bag_offsets, mode="sum", per_sample_weights=weights,
-            include_last_offset=True, sparse=sparse,
-        )  # fmt: skip
-        slots = self.slot_feature.numel()
-        return pooled.view(slots, batch.batch_size, self.chunk_dim).transpose(0, 1).reshape(batch.batch_size, -1)
+            pooled = F.embedding_bag(
+                order, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+            )
+        return pooled.view(batch_size, -1)
 
     def read_rows(self, rows: Tensor, slot_of: Tensor, bag_offsets: Tensor) -> Tensor:
         """Table rows `rows` (read by slots `slot_of`) as the model sees them: [len(rows), chunk_dim].
