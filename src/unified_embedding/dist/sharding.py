@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -66,7 +67,7 @@ class EmbeddingOptimizer:
         return f"fbgemm {self.kind.value} lr={self.lr:g}{extras}"
 
 
-def embedding_optimizer(name: str, lr: float | None, device_type: str) -> EmbeddingOptimizer:
+def embedding_optimizer(name: str, lr: float | None, device_type: str, weight_decay: float = 0.0) -> EmbeddingOptimizer:
     """The fused table optimizer for a run's `optimizer` on `device_type`.
 
     - sgd: exact SGD (what the equivalence test uses: the same update as torch.optim.SGD).
@@ -77,7 +78,18 @@ def embedding_optimizer(name: str, lr: float | None, device_type: str) -> Embedd
       Adagrad's learning rate, the optimizer TorchRec's own DLRM examples use for tables;
       the dense layers keep Adam.
     - rowwise_adagrad: one accumulator per row (a d-th of Adagrad's state).
+
+    `weight_decay` is fbgemm's L2 mode: added to the gradients of the rows a step touches,
+    as the single-process fused update does.
     """
+    chosen = _embedding_optimizer(name, lr, device_type)
+    if not weight_decay:
+        return chosen
+    decay = {"weight_decay": weight_decay, "weight_decay_mode": WeightDecayMode.L2}
+    return EmbeddingOptimizer(chosen.name, chosen.kind, chosen.lr, {**chosen.params, **decay})
+
+
+def _embedding_optimizer(name: str, lr: float | None, device_type: str) -> EmbeddingOptimizer:
     if name == "sgd":
         return EmbeddingOptimizer(name, EmbOptimType.EXACT_SGD, lr or DEFAULT_LR["sgd"], {})
     if name == "adagrad":
@@ -141,6 +153,7 @@ def shard_network(
     *,
     optimizer: str = "adam",
     lr: float | None = None,
+    weight_decay: float = 0.0,
     device: torch.device | str | None = None,
     batch_size: int = 1024,
     use_planner: bool | None = None,
@@ -158,7 +171,7 @@ def shard_network(
     if not isinstance(network.embedding, TorchRecSlotEmbedding):
         raise TypeError("shard_network needs a network from unified_embedding.dist.to_torchrec")
     device = torch.device(device or "cpu")
-    table_optimizer = embedding_optimizer(optimizer, lr, device.type)
+    table_optimizer = embedding_optimizer(optimizer, lr, device.type, weight_decay)
     sharder = EmbeddingBagCollectionSharder(fused_params=table_optimizer.fused_params())
     world_size = dist.get_world_size()
     if use_planner is None:

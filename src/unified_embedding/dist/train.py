@@ -97,7 +97,8 @@ class DistributedTrainer:
         check_shardable(network.embedding)
         model, table_optimizer = shard_network(
             to_torchrec(network, device=self.device), optimizer=config.optimizer, lr=config.lr,
-            device=self.device, batch_size=max(1, config.batch_size // self.world),
+            weight_decay=config.embedding_weight_decay, device=self.device,
+            batch_size=max(1, config.batch_size // self.world),
         )  # fmt: skip
         del network
         optimizer = combined_optimizer(model, config.optimizer, config.lr)
