@@ -186,3 +186,30 @@ def test_ctrdata_checks_shapes():
         CTRData(**{**data.__dict__, "categorical": {}})
     with pytest.raises(ValueError, match="offsets"):
         CTRData(**{**data.__dict__, "multivalent": {"list": (np.zeros(3, np.int64), np.zeros(6, np.int64))}})
+
+
+def test_prefetching_gives_the_same_batches_in_the_same_order():
+    data = load_dataset("movielens-100k", DATA)
+    loader = BatchLoader(data, np.arange(5000), 512, shuffle=True, seed=3)
+    plain = list(loader.batches(epoch=2, start=1))
+    ahead = list(loader.batches(epoch=2, start=1, prefetch=3))
+    assert len(plain) == len(ahead) == 9
+    for a, b in zip(plain, ahead, strict=True):
+        assert torch.equal(a.values, b.values) and torch.equal(a.labels, b.labels)
+
+
+def test_a_prefetching_consumer_may_stop_early_and_errors_reach_it():
+    data = load_dataset("movielens-100k", DATA)
+    loader = BatchLoader(data, np.arange(5000), 100)
+    for i, _ in enumerate(loader.batches(prefetch=2)):
+        if i == 3:
+            break  # the producer thread is stopped, not left blocked
+
+    def broken(rows):
+        raise RuntimeError("disk gone")
+
+    loader._batch = broken
+    with pytest.raises(RuntimeError, match="disk gone"):
+        list(loader.batches(prefetch=2))
+    with pytest.raises(ValueError, match="prefetch"):
+        loader.batches(prefetch=-1)

@@ -6,12 +6,12 @@ the library's hash, and every method (per feature and shared) against the budget
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from test_embeddings import FEATURES, FULL_SIZE, VOCABULARIES
 
 from unified_embedding import Batch, FeatureSet, FeatureSpec
-from unified_embedding.embeddings import BudgetError, FullEmbedding, build_embedding
+from unified_embedding.embeddings import BudgetError, build_embedding
 from unified_embedding.embeddings.composition import apportion, feature_bags
 from unified_embedding.embeddings.low_rank import LowRankEmbedding
 from unified_embedding.embeddings.pq import ProductQuantizedEmbedding
@@ -19,22 +19,6 @@ from unified_embedding.embeddings.qr import QREmbedding
 from unified_embedding.embeddings.tt_rec import TTRecEmbedding, core_parameters, dim_factors, row_factors
 from unified_embedding.hashing import hash_to_rows, salt
 
-FEATURES = FeatureSet(
-    [
-        FeatureSpec("user", cardinality=500),
-        FeatureSpec("item", cardinality=300),
-        FeatureSpec("genres", kind="multivalent", pooling="mean", cardinality=18),
-        FeatureSpec("gender", cardinality=2),
-        FeatureSpec("age", kind="dense"),
-    ]
-)
-VOCABULARIES = {
-    "user": np.arange(500) * 7,
-    "item": np.arange(300) + 10_000,
-    "genres": np.arange(18),
-    "gender": np.array([11, 22]),
-}
-FULL_SIZE = FullEmbedding.parameter_count(FEATURES, VOCABULARIES)
 METHODS = ["qr", "tt_rec", "low_rank", "pq"]
 
 

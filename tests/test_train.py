@@ -163,3 +163,19 @@ def test_the_fused_update_leaves_the_table_out_of_the_torch_optimizer(data_dir):
     assert id(network.embedding.weight) not in handed
     assert len(handed) == sum(1 for _ in network.parameters()) - 1
     assert [r.table for r in optimizers.row_optimizers] == [network.embedding.weight]
+
+
+def test_embedding_weight_decay_reaches_the_embedding_only(data_dir):
+    from unified_embedding.train import DEFAULT_EMBEDDING_WEIGHT_DECAY, build_network, prepare
+
+    config = small_config(data_dir)
+    assert config.embedding_weight_decay == DEFAULT_EMBEDDING_WEIGHT_DECAY
+    network = build_network(config, prepare(config))
+    groups = Optimizers(network, "adam", None, embedding_weight_decay=0.01).optimizers[0].param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    assert decayed == {id(p) for p in network.embedding.parameters()}
+    fused = Optimizers(network, "adam", None, fused=True, embedding_weight_decay=0.01)
+    assert fused.row_optimizers[0].weight_decay == 0.01
+    assert small_config(data_dir, sparse=True).embedding_weight_decay == 0.0  # torch's sparse optimizers take none
+    with pytest.raises(ValueError, match="no weight decay"):
+        small_config(data_dir, sparse=True, embedding_weight_decay=0.01).validate()

@@ -249,7 +249,7 @@ class Trainer:
             epoch = state["epoch"]
             started = time.perf_counter()
             bar = tqdm(
-                train_loader.batches(epoch, start=state["batch"]),
+                train_loader.batches(epoch, start=state["batch"], prefetch=2),
                 total=len(train_loader),
                 initial=state["batch"],
                 desc=f"epoch {epoch + 1}/{config.epochs}",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
+from queue import Empty, Queue
 
 import numpy as np
 import torch
@@ -39,13 +42,21 @@ class BatchLoader:
     def __len__(self) -> int:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
-        """The batches of `epoch`, from batch number `start` on (earlier ones are not built)."""
+    def batches(self, epoch: int = 0, start: int = 0, *, prefetch: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch`, from batch number `start` on (earlier ones are not built).
+
+        `prefetch=N` builds up to N batches ahead on a background thread (the gathers run in
+        numpy, which releases the GIL), so the model need not wait for its data; the batches
+        and their order are the same.
+        """
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         order = np.random.default_rng([self.seed, epoch]).permutation(self.rows) if self.shuffle else self.rows
-        for first in range(start * self.batch_size, len(order), self.batch_size):
-            yield self._batch(order[first : first + self.batch_size])
+        built = (self._batch(order[first : first + self.batch_size])
+                 for first in range(start * self.batch_size, len(order), self.batch_size))  # fmt: skip
+        return _ahead(built, prefetch) if prefetch else built
 
     def _batch(self, rows: np.ndarray) -> Batch:
         """One `Batch` of `rows`: sparse features in `features.sparse_names` order, KJT layout."""
@@ -66,3 +77,36 @@ class BatchLoader:
             dense=torch.from_numpy(np.ascontiguousarray(data.dense[rows], dtype=np.float32)),
             labels=torch.from_numpy(np.ascontiguousarray(data.labels[rows], dtype=np.float32)),
         )
+
+
+_DONE = object()
+
+
+def _ahead(items: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """`items`, produced by a daemon thread up to `depth` ahead; its errors re-raised here, in order."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+            queue.put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            queue.put(error)
+
+    worker = threading.Thread(target=produce, daemon=True, name="ue-batch-prefetch")
+    worker.start()
+    try:
+        while (item := queue.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(Empty):
+                queue.get_nowait()
+            worker.join(timeout=0.01)
