@@ -208,7 +208,7 @@ def test_a_prefetching_consumer_may_stop_early_and_errors_reach_it():
     def broken(rows):
         raise RuntimeError("disk gone")
 
-    loader._batch = broken
+    loader.batch_of = broken
     with pytest.raises(RuntimeError, match="disk gone"):
         list(loader.batches(prefetch=2))
     with pytest.raises(ValueError, match="prefetch"):

@@ -36,7 +36,6 @@ from unified_embedding.dist.train import (
     config_from_args,
     consolidated_state_dict,
     free_port,
-    global_batches,
     launch_command,
     main,
     parse_args,
@@ -141,7 +140,7 @@ LR = {"sgd": 0.5, "adagrad": 0.05}
 
 
 def _step_worker(rank, network, loader, rows, out_dir) -> None:
-    part = loader._batch(np.array_split(rows, WORLD)[rank])
+    part = loader.batch_of(np.array_split(rows, WORLD)[rank])
     for optimizer, lr in LR.items():
         sharded, _ = shard_network(to_torchrec(network), optimizer=optimizer, lr=lr)
         sharded.eval()
@@ -164,7 +163,7 @@ def test_sharded_forward_and_one_training_step_match_the_single_process_model(mo
     loader = BatchLoader(prepared.data, prepared.split.train, 64)
     rows = prepared.split.train[:64]
     assert run_workers(_step_worker, network, loader, rows, tmp_path) == [0, 0]
-    batch = loader._batch(rows)
+    batch = loader.batch_of(rows)
     for optimizer, lr in LR.items():
         saved = [torch.load(tmp_path / f"{optimizer}-{rank}.pt") for rank in range(WORLD)]
         reference = copy.deepcopy(network)
@@ -241,9 +240,9 @@ def test_a_killed_two_process_run_resumes_from_its_sharded_checkpoint(data_dir, 
 def test_each_rank_trains_on_its_part_of_the_same_global_batches(movielens):
     _, prepared = movielens
     loader = BatchLoader(prepared.data, prepared.split.train, 1000, shuffle=True, seed=3)
-    for rows, batch in zip(global_batches(loader, 2), loader.batches(2), strict=True):
-        assert torch.equal(loader._batch(rows).labels, batch.labels)
-        assert torch.equal(loader._batch(rows).values, batch.values)
+    for rows, batch in zip(loader.batch_rows(2), loader.batches(2), strict=True):
+        assert torch.equal(loader.batch_of(rows).labels, batch.labels)
+        assert torch.equal(loader.batch_of(rows).values, batch.values)
 
 
 def _main_worker(rank, argv) -> None:

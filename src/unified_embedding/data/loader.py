@@ -53,12 +53,16 @@ class BatchLoader:
             raise ValueError(f"start must be >= 0, got {start}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.rows) if self.shuffle else self.rows
-        built = (self._batch(order[first : first + self.batch_size])
-                 for first in range(start * self.batch_size, len(order), self.batch_size))  # fmt: skip
+        built = (self.batch_of(rows) for rows in self.batch_rows(epoch, start))
         return _ahead(built, prefetch) if prefetch else built
 
-    def _batch(self, rows: np.ndarray) -> Batch:
+    def batch_rows(self, epoch: int = 0, start: int = 0) -> Iterator[np.ndarray]:
+        """The rows of each batch `batches(epoch, start)` yields, in order (sharded training splits them)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.rows) if self.shuffle else self.rows
+        for first in range(start * self.batch_size, len(order), self.batch_size):
+            yield order[first : first + self.batch_size]
+
+    def batch_of(self, rows: np.ndarray) -> Batch:
         """One `Batch` of `rows`: sparse features in `features.sparse_names` order, KJT layout."""
         data = self.data
         values, lengths = [], []

@@ -170,13 +170,13 @@ class DistributedTrainer:
     # ---------------------------------------------------------------- data
     def _train_batches(self, loader: BatchLoader, epoch: int, start: int) -> Iterator[tuple[int, Batch | None, int]]:
         """(batch number, this rank's part of the global batch or None if skipped, global batch size)."""
-        for number, rows in enumerate(global_batches(loader, epoch), start=0):
+        for number, rows in enumerate(loader.batch_rows(epoch), start=0):
             if number < start:
                 continue
             if len(rows) < self.world:  # too few rows to give every rank one: skipped on all ranks alike
                 yield number, None, 0
                 continue
-            yield number, _rows_batch(loader, np.array_split(rows, self.world)[self.rank]), len(rows)
+            yield number, loader.batch_of(np.array_split(rows, self.world)[self.rank]), len(rows)
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, data, rows: np.ndarray) -> dict[str, float]:
@@ -186,7 +186,7 @@ class DistributedTrainer:
         loader = BatchLoader(data, rows, EVAL_BATCH)
         scores, labels = [], []
         for part in _eval_parts(rows, EVAL_BATCH, self.world, self.rank):
-            batch = _rows_batch(loader, part)
+            batch = loader.batch_of(part)
             scores.append(torch.sigmoid(model(batch.to(self.device))).float().cpu().numpy())
             labels.append(batch.labels.numpy())
         model.train()
@@ -294,18 +294,6 @@ class DistributedTrainer:
 
 
 # -------------------------------------------------------------------- helpers
-def global_batches(loader: BatchLoader, epoch: int) -> Iterator[np.ndarray]:
-    """The rows of each batch `loader.batches(epoch)` yields, in order (its documented shuffle)."""
-    rows = loader.rows
-    order = np.random.default_rng([loader.seed, epoch]).permutation(rows) if loader.shuffle else rows
-    for first in range(0, len(order), loader.batch_size):
-        yield order[first : first + loader.batch_size]
-
-
-def _rows_batch(loader: BatchLoader, rows: np.ndarray) -> Batch:
-    return loader._batch(rows)
-
-
 def _eval_parts(rows: np.ndarray, batch_size: int, world: int, rank: int) -> Iterator[np.ndarray]:
     """This rank's part of every evaluation batch; every rank gets the same number of non-empty parts."""
     batches = max(1, min(math.ceil(len(rows) / batch_size), len(rows) // world))
