@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings.base import BudgetError, EmbeddingMethod, Vocabularies, uniform_init
 from unified_embedding.embeddings.full import DEFAULT_DIM
-from unified_embedding.embeddings.hashed import Allocation, _allocation_weights
+from unified_embedding.embeddings.hashed import Allocation, allocation_weights
 from unified_embedding.embeddings.table import DEFAULT_INIT_SCALE
 from unified_embedding.features import FeatureSet, Pooling
 from unified_embedding.hashing import keys_to_rows, salt, salted_keys
@@ -71,7 +71,7 @@ def feature_widths(features: FeatureSet, dim: int) -> dict[str, int]:
 
 def allocation_weights(features: FeatureSet, allocation: Allocation) -> dict[str, int]:
     """Integer shares of the budget per feature: cardinality + 1 ("proportional") or 1 ("equal")."""
-    return {name: int(weight) for name, weight in _allocation_weights(features, allocation).items()}
+    return {name: int(weight) for name, weight in allocation_weights(features, allocation).items()}
 
 
 def split_budget(

@@ -54,7 +54,7 @@ class HashingTrickEmbedding(SlotTableEmbedding):
         widths = {f.name: f.dim or dim for f in features.sparse}
         if budget < sum(widths.values()):
             raise BudgetError(f"hashing needs at least one row per feature: {sum(widths.values()):,} parameters")
-        weights = _allocation_weights(features, allocation)
+        weights = allocation_weights(features, allocation)
         total = sum(weights.values())
         spare = budget - sum(widths.values())
         share = {name: spare * weights[name] / total for name in weights}
@@ -68,7 +68,7 @@ class HashingTrickEmbedding(SlotTableEmbedding):
         return cls(features, rows, dim=dim, **options)
 
 
-def _allocation_weights(features: FeatureSet, allocation: Allocation) -> dict[str, float]:
+def allocation_weights(features: FeatureSet, allocation: Allocation) -> dict[str, float]:
     if allocation == "equal":
         return {name: 1.0 for name in features.sparse_names}
     if allocation != "proportional":
