@@ -32,7 +32,7 @@ from unified_embedding.embeddings.hash_family import (
     Expansion,
     HashSharingEmbedding,
     Layout,
-    allocation_weights,
+    allocation_shares,
     common_chunk,
     family_salt,
     feature_widths,
@@ -161,7 +161,7 @@ class DoubleHashEmbedding(HashSharingEmbedding):
         if shared:
             rows: int | dict[str, int] = left // chunk
         else:
-            shares = allocation_weights(features, allocation)
+            shares = allocation_shares(features, allocation, cls.name)
             rows = split_budget(left, shares, units, dict.fromkeys(names, 2), method=cls.name)
         return cls(features, rows, dim, shared=shared, combine=combine, frequent_ids=dedicated, **options)
 
@@ -251,7 +251,7 @@ def _dedicated_ids(
     ranked = {name: ranked[name] for name in features.sparse_names if name in ranked and ranked[name].numel()}
     if not ranked:
         return {}
-    shares = allocation_weights(features, allocation)
+    shares = allocation_shares(features, allocation, "double_hash")
     shares = {name: shares[name] for name in ranked}
     spend = min(int(fraction * budget), available)
     counts = split_budget(spend, shares, {name: widths[name] for name in ranked}, dict.fromkeys(ranked, 0),

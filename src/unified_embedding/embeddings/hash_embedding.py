@@ -40,7 +40,7 @@ from unified_embedding.embeddings.hash_family import (
     Expansion,
     HashSharingEmbedding,
     Layout,
-    allocation_weights,
+    allocation_shares,
     common_chunk,
     family_salt,
     feature_widths,
@@ -181,7 +181,7 @@ class HashEmbedding(HashSharingEmbedding):
         if budget < minimum:
             raise BudgetError(f"{cls.name} needs at least {minimum:,} parameters (one pool row and one row of "
                               f"importance weights per feature); budget {budget:,}")  # fmt: skip
-        shares = allocation_weights(features, allocation)
+        shares = allocation_shares(features, allocation, cls.name)
         ones = dict.fromkeys(names, 1)
         pool_budget = min(max(int(budget * (1 - importance_fraction)), sum(widths.values())), budget - k * len(names))
         pools = split_budget(pool_budget, shares, widths, ones, method=cls.name)

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings.base import BudgetError, EmbeddingMethod, Vocabularies, uniform_init
+from unified_embedding.embeddings.composition import allocation_weights
 from unified_embedding.embeddings.full import DEFAULT_DIM
-from unified_embedding.embeddings.hashed import Allocation, allocation_weights
+from unified_embedding.embeddings.hashed import Allocation
 from unified_embedding.embeddings.table import DEFAULT_INIT_SCALE
 from unified_embedding.features import FeatureSet, Pooling
 from unified_embedding.hashing import keys_to_rows, salt, salted_keys
@@ -46,7 +47,7 @@ __all__ = [
     "Expansion",
     "HashSharingEmbedding",
     "Layout",
-    "allocation_weights",
+    "allocation_shares",
     "common_chunk",
     "family_salt",
     "feature_widths",
@@ -69,9 +70,9 @@ def feature_widths(features: FeatureSet, dim: int) -> dict[str, int]:
     return {f.name: f.dim or dim for f in features.sparse}
 
 
-def allocation_weights(features: FeatureSet, allocation: Allocation) -> dict[str, int]:
+def allocation_shares(features: FeatureSet, allocation: Allocation, method: str) -> dict[str, int]:
     """Integer shares of the budget per feature: cardinality + 1 ("proportional") or 1 ("equal")."""
-    return {name: int(weight) for name, weight in allocation_weights(features, allocation).items()}
+    return {name: int(weight) for name, weight in allocation_weights(features, allocation, method).items()}
 
 
 def split_budget(
@@ -419,7 +420,7 @@ def flat_array_sizes(
         return budget
     names = features.sparse_names
     ones = dict.fromkeys(names, 1)
-    return split_budget(budget, allocation_weights(features, allocation), ones, ones, method=method)
+    return split_budget(budget, allocation_shares(features, allocation, method), ones, ones, method=method)
 
 
 class FlatArrayEmbedding(HashSharingEmbedding):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Literal, Self
 
 from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
+from unified_embedding.embeddings.composition import allocation_weights
 from unified_embedding.embeddings.full import DEFAULT_DIM
 from unified_embedding.embeddings.table import SlotTableEmbedding, feature_region
 from unified_embedding.features import FeatureSet
@@ -54,7 +55,7 @@ class HashingTrickEmbedding(SlotTableEmbedding):
         widths = {f.name: f.dim or dim for f in features.sparse}
         if budget < sum(widths.values()):
             raise BudgetError(f"hashing needs at least one row per feature: {sum(widths.values()):,} parameters")
-        weights = allocation_weights(features, allocation)
+        weights = allocation_weights(features, allocation, cls.name)
         total = sum(weights.values())
         spare = budget - sum(widths.values())
         share = {name: spare * weights[name] / total for name in weights}
@@ -66,15 +67,4 @@ class HashingTrickEmbedding(SlotTableEmbedding):
                 rows[name] += 1
                 left -= widths[name]
         return cls(features, rows, dim=dim, **options)
-
-
-def allocation_weights(features: FeatureSet, allocation: Allocation) -> dict[str, float]:
-    if allocation == "equal":
-        return {name: 1.0 for name in features.sparse_names}
-    if allocation != "proportional":
-        raise ValueError(f"allocation must be 'proportional' or 'equal', got {allocation!r}")
-    unknown = [f.name for f in features.sparse if f.cardinality is None]
-    if unknown:
-        raise ValueError(f"proportional allocation needs cardinalities; missing for {unknown}")
-    return {f.name: float(f.cardinality + 1) for f in features.sparse}
 

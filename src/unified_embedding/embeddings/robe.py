@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-
 from unified_embedding.embeddings.base import register
 from unified_embedding.embeddings.hash_family import (
     DEFAULT_DIM,
