@@ -173,9 +173,21 @@ def test_embedding_weight_decay_reaches_the_embedding_only(data_dir):
     network = build_network(config, prepare(config))
     groups = Optimizers(network, "adam", None, embedding_weight_decay=0.01).optimizers[0].param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
-    assert decayed == {id(p) for p in network.embedding.parameters()}
+    assert decayed == {id(p) for p in network.embedding.decayed_parameters()} == {id(network.embedding.weight)}
     fused = Optimizers(network, "adam", None, fused=True, embedding_weight_decay=0.01)
     assert fused.row_optimizers[0].weight_decay == 0.01
     assert small_config(data_dir, sparse=True).embedding_weight_decay == 0.0  # torch's sparse optimizers take none
     with pytest.raises(ValueError, match="no weight decay"):
         small_config(data_dir, sparse=True, embedding_weight_decay=0.01).validate()
+
+
+def test_networks_and_thresholds_inside_a_method_are_not_decayed():
+    from test_embeddings import FEATURES, FULL_SIZE, VOCABULARIES
+
+    from unified_embedding.embeddings import build_embedding
+
+    dhe = build_embedding("dhe", FEATURES, FULL_SIZE // 2, vocabularies=VOCABULARIES)
+    assert dhe.decayed_parameters() == [] and len(list(dhe.parameters())) > 0
+    pep = build_embedding("pep", FEATURES, FULL_SIZE // 2, vocabularies=VOCABULARIES)
+    decayed = {id(p) for p in pep.decayed_parameters()}
+    assert id(pep.threshold) not in decayed and len(decayed) == len(list(pep.parameters())) - 1

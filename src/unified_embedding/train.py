@@ -155,8 +155,8 @@ class Optimizers:
 
     With `fused`, the embedding's tables are updated inside backward by row optimizers of
     the same kind (fused.py) and the torch optimizer gets every other parameter. The
-    embedding's parameters get `embedding_weight_decay` (with `fused`, on the rows a step
-    touches only).
+    embedding's rows (`decayed_parameters`) get `embedding_weight_decay` (with `fused`, on
+    the rows a step touches only).
     """
 
     def __init__(
@@ -168,6 +168,7 @@ class Optimizers:
         self.row_optimizers = network.embedding.fuse_optimizer(name, lr, weight_decay=decay) if fused else []
         owned = {id(r.table) for r in self.row_optimizers}
         embedding = [p for p in network.embedding.parameters() if id(p) not in owned]
+        decayed = {id(p) for p in network.embedding.decayed_parameters()}
         owned |= {id(p) for p in embedding}
         others = [p for p in network.parameters() if id(p) not in owned]
         if network.embedding.sparse:
@@ -175,7 +176,11 @@ class Optimizers:
                 raise ValueError("torch's sparse optimizers take no weight decay")
             dense_groups, sparse = [{"params": others}], embedding
         else:
-            dense_groups, sparse = [{"params": others}, {"params": embedding, "weight_decay": decay}], []
+            dense_groups = [
+                {"params": others + [p for p in embedding if id(p) not in decayed]},
+                {"params": [p for p in embedding if id(p) in decayed], "weight_decay": decay},
+            ]
+            sparse = []
         if name == "adagrad":
             self.optimizers = [torch.optim.Adagrad([*dense_groups, *([{"params": sparse}] if sparse else [])], lr=lr)]
         else:

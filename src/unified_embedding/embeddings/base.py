@@ -70,6 +70,13 @@ class EmbeddingMethod(nn.Module, ABC):
         """Bytes a deployment stores for the method (float32 unless the method stores less)."""
         return 4 * self.num_parameters()
 
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The parameters the trainer's embedding weight decay regularises: per-id rows (tables,
+        pools, cores), which memorise rare ids, and not the networks, projections or learned
+        thresholds a method may also have (L2 on DHE's decoder cost it 0.06 AUC on Frappe).
+        """
+        return list(self.parameters())
+
     def fuse_optimizer(self, kind: str, lr: float, **options) -> list[RowOptimizer]:
         """Move the update of the method's tables into its backward pass (fused.py).
 

@@ -196,6 +196,10 @@ class DeepHashEmbedding(EmbeddingMethod):
     def out_dims(self) -> dict[str, int]:
         return {name: self.shape.dim for name in self.features.sparse_names}
 
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """None: DHE has no per-id rows, only its decoder network."""
+        return []
+
     def encode(self, keys: Tensor) -> Tensor:
         """The fixed [n, k] encodings of (feature-salted) keys."""
         return dense_hash_encoding(keys, self.encoding_salt, self.shape.encodings, self.buckets, self.distribution)

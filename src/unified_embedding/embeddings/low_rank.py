@@ -75,6 +75,10 @@ class LowRankEmbedding(ComposedEmbedding):
         self.projection = nn.Parameter(torch.randn(len(names), rank, dim) * std)
         self.register_buffer("row_base", torch.tensor(bases), persistent=False)
 
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The narrow rows, not the shared projections."""
+        return [self.narrow]
+
     def compose(self, index: Tensor, feature: Tensor) -> Tensor:
         return F.embedding(self.row_base[feature] + index, self.narrow)
 

@@ -169,6 +169,10 @@ class MixedDimensionEmbedding(SlotTableEmbedding):
         fan_in = torch.tensor([float(w) for w in self.widths.values() for _ in range(w * self.dim) if w < self.dim])
         self.projection = torch.nn.Parameter((torch.rand(fan_in.numel()) * 2 - 1) * torch.sqrt(3 / fan_in))
 
+    def decayed_parameters(self) -> list[torch.nn.Parameter]:
+        """The tables, not the projections to the common width."""
+        return [p for p in self.parameters() if p is not self.projection]
+
     @property
     def out_dims(self) -> dict[str, int]:
         return {name: self.dim for name in self.features.sparse_names}

@@ -167,6 +167,10 @@ class PEPEmbedding(FullEmbedding):
         # Straight through the cap (optional): weights below it still learn, and can win back a place.
         return pruned + (capped - pruned).detach() if self.straight_through else capped
 
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The table, not the learned thresholds."""
+        return [p for p in self.parameters() if p is not self.threshold]
+
     @torch.no_grad()
     def num_nonzero(self) -> int:
         """Non-zero weights of the deployed (evaluation-mode) table."""
