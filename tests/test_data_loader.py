@@ -213,3 +213,16 @@ def test_a_prefetching_consumer_may_stop_early_and_errors_reach_it():
         list(loader.batches(prefetch=2))
     with pytest.raises(ValueError, match="prefetch"):
         loader.batches(prefetch=-1)
+
+
+def test_ids_by_frequency_ranks_each_features_training_ids():
+    from unified_embedding.data import ids_by_frequency
+
+    data = load_dataset("movielens-100k", DATA)
+    rows = np.arange(20_000)
+    ranked = ids_by_frequency(data, rows)
+    items = data.categorical["item"][rows]
+    counts = {int(i): int(c) for i, c in zip(*np.unique(items, return_counts=True), strict=True)}
+    order = [counts[int(i)] for i in ranked["item"]]
+    assert sorted(ranked["item"].tolist()) == sorted(counts) and order == sorted(order, reverse=True)
+    assert len(ranked["genres"]) <= 19  # multivalent: every list item counts

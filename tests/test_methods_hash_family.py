@@ -290,7 +290,7 @@ def test_double_hash_frequency_rows_are_collision_free_and_train_alone():
 
 
 def test_frequency_without_frequencies_is_a_clear_error():
-    with pytest.raises(ValueError, match="frequent_ids.*trainer"):
+    with pytest.raises(ValueError, match="frequent_ids.*ue train. computes them"):
         build_embedding("double_hash", FEATURES, 10_000, frequency=True)
     with pytest.raises(ValueError, match="unknown features"):
         build_embedding("double_hash", FEATURES, 10_000, frequency=True, frequent_ids={"nope": [1]})

@@ -191,3 +191,10 @@ def test_networks_and_thresholds_inside_a_method_are_not_decayed():
     pep = build_embedding("pep", FEATURES, FULL_SIZE // 2, vocabularies=VOCABULARIES)
     decayed = {id(p) for p in pep.decayed_parameters()}
     assert id(pep.threshold) not in decayed and len(decayed) == len(list(pep.parameters())) - 1
+
+
+def test_the_trainer_gives_frequency_aware_methods_the_training_ids_by_frequency(data_dir):
+    run = Trainer(
+        small_config(data_dir, method="double_hash", epochs=1, method_options={"frequency": True}), progress=False
+    ).run()
+    assert 0.5 < run["test_auc"] <= 1 and run["num_embedding_params"] <= run["budget"]

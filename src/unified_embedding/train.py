@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 import unified_embedding
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
-from unified_embedding.data import BatchLoader, CTRData, Split, load_dataset, split_indices, vocabularies
+from unified_embedding.data import (
+    BatchLoader,
+    CTRData,
+    Split,
+    ids_by_frequency,
+    load_dataset,
+    split_indices,
+    vocabularies,
+)
 from unified_embedding.embeddings import EmbeddingMethod, FullEmbedding, build_embedding, get_method
 from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.features import FeatureSet
@@ -139,13 +147,16 @@ def prepare(config: TrainConfig) -> Prepared:
 def build_network(config: TrainConfig, prepared: Prepared) -> CTRNetwork:
     """The same network for the same config and data, in any process (seeded init)."""
     torch.manual_seed(config.seed)
+    options = dict(config.method_options)
+    if get_method(config.method).uses_id_frequencies:
+        options["frequent_ids"] = ids_by_frequency(prepared.data, prepared.split.train)
     embedding = build_embedding(
         config.method,
         prepared.features,
         prepared.budget,
         vocabularies=prepared.vocabularies,
         sparse=config.sparse,
-        **config.method_options,
+        **options,
     )
     return CTRNetwork.build(embedding, config.model, **config.model_options)
 

@@ -12,7 +12,7 @@ from unified_embedding.data.load import load_dataset, resolve_cache_dir, resolve
 from unified_embedding.data.loader import BatchLoader
 from unified_embedding.data.registry import DATASETS, DatasetInfo
 from unified_embedding.data.split import Split, split_indices
-from unified_embedding.data.vocab import vocabularies
+from unified_embedding.data.vocab import ids_by_frequency, vocabularies
 
 __all__ = [
     "DATASETS",
@@ -27,5 +27,6 @@ __all__ = [
     "resolve_cache_dir",
     "resolve_data_dir",
     "split_indices",
+    "ids_by_frequency",
     "vocabularies",
 ]

@@ -16,11 +16,23 @@ def vocabularies(data: CTRData, rows: np.ndarray) -> dict[str, np.ndarray]:
     validation and test are, correctly, unknown to them).
     """
     rows = np.asarray(rows, dtype=np.int64)
+    return {name: np.unique(_ids(data, rows, name)) for name in data.features.sparse_names}
+
+
+def ids_by_frequency(data: CTRData, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Sparse feature name -> its distinct ids in `rows`, most frequent first (ties: smaller id first).
+
+    What frequency-aware methods (double hashing's hybrid) give dedicated rows to.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
     result = {}
     for name in data.features.sparse_names:
-        if name in data.categorical:
-            ids = data.categorical[name][rows]
-        else:
-            ids, _ = gather_jagged(*data.multivalent[name], rows)
-        result[name] = np.unique(ids)
+        ids, counts = np.unique(_ids(data, rows, name), return_counts=True)
+        result[name] = ids[np.argsort(-counts, kind="stable")]
     return result
+
+
+def _ids(data: CTRData, rows: np.ndarray, name: str) -> np.ndarray:
+    if name in data.categorical:
+        return data.categorical[name][rows]
+    return gather_jagged(*data.multivalent[name], rows)[0]

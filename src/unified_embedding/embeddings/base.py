@@ -36,6 +36,9 @@ class EmbeddingMethod(nn.Module, ABC):
     paper: ClassVar[str] = ""
     #: True when the method's tables produce sparse gradients (the trainer then picks sparse optimizers)
     sparse: bool = False
+    #: True when `from_budget` takes `frequent_ids` (each feature's training ids, most frequent
+    #: first), which the trainer then computes and passes
+    uses_id_frequencies: ClassVar[bool] = False
 
     def __init__(self, features: FeatureSet) -> None:
         super().__init__()

@@ -12,8 +12,9 @@ training-split statistic the vocabularies do not carry (a vocabulary lists the i
 sorted by id, not by count), so the hybrid takes it explicitly: `frequent_ids` maps a
 feature to its ids, most frequent first, and `frequent_fraction` of the budget buys
 dedicated rows from the top of those lists (split across features by cardinality).
-The trainer does not pass frequencies yet, so from the command line only the plain
-two-table variant runs; `frequency=True` without `frequent_ids` is a clear error.
+The trainer computes them from the training split (`uses_id_frequencies`), so
+`ue train --method double_hash --method-option frequency=true` runs the hybrid; from
+Python, `frequency=True` without `frequent_ids` is a clear error.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class DoubleHashEmbedding(HashSharingEmbedding):
     are `dim` wide with `combine="sum"` and `dim / 2` wide with `combine="concat"`.
     `frequent_ids` (optional) maps features to the ids that get a dedicated full-width row.
     """
+
+    uses_id_frequencies = True
 
     name = "double_hash"
     description = (
@@ -240,7 +243,7 @@ def _dedicated_ids(
     if frequent_ids is None:
         raise ValueError(
             "double_hash frequency=True needs frequent_ids: for each feature, its training-split ids, most "
-            "frequent first (the trainer does not pass frequencies yet; use the plain two-table variant)"
+            "frequent first (`ue train` computes them; from Python, see data.ids_by_frequency)"
         )
     if not 0 <= fraction < 1:
         raise ValueError(f"frequent_fraction must be in [0, 1), got {fraction!r}")
