@@ -296,7 +296,7 @@ class Trainer:
             state["history"].append({"epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]})
             if metrics["auc"] > state["best_auc"]:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch + 1, bad_epochs=0)
-                state["best_model"] = {k: v.clone() for k, v in network.state_dict().items()}
+                self._keep_best(network, state)
             else:
                 state["bad_epochs"] += 1
                 state["stopped"] = state["bad_epochs"] > config.patience
@@ -304,12 +304,22 @@ class Trainer:
                 tqdm.write(f"epoch {epoch + 1}: val AUC {metrics['auc']:.4f}  log loss {metrics['logloss']:.4f}")
             state.update(epoch=epoch + 1, batch=0)
             self._checkpoint(network, optimizers, state, 0.0)
-        network.load_state_dict(state["best_model"])
+        best = state["best_model"] if state["best_model"] is not None else load(self.model_path)["model"]
+        network.load_state_dict(best)
         result = self._result(network, prepared, state)
         if self.output:
-            save_atomic({"config": asdict(config), "model": network.state_dict()}, self.model_path)
             write_text_atomic(json.dumps(result, indent=2) + "\n", self.output)
         return result
+
+    def _keep_best(self, network: nn.Module, state: dict[str, Any]) -> None:
+        """The best epoch's weights: written to the run's model file when it has one, else kept in memory.
+
+        On disk, a large table is not held twice in memory, nor stored twice in every checkpoint.
+        """
+        if self.model_path is None:
+            state["best_model"] = {k: v.clone() for k, v in network.state_dict().items()}
+        else:
+            save_atomic({"config": asdict(self.config), "model": network.state_dict()}, self.model_path)
 
     def _fresh_state(self) -> dict[str, Any]:
         return {
