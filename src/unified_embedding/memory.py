@@ -3,7 +3,7 @@
 An embedding step touches tens of thousands of random rows of a table far larger than the
 TLB covers; with 4 KiB pages nearly every row costs a page walk. Asking Linux for 2 MiB
 pages (`madvise(MADV_HUGEPAGE)`, honoured when transparent huge pages are in `madvise` or
-`always` mode) made random row reads and writes of a 1 GiB table 20-35 % faster on our
+`always` mode) made random row reads and writes of a 1 GiB table 18-35 % faster on our
 machines. Elsewhere, or for small tables, this is a plain `torch.zeros`.
 """
 
