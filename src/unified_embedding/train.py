@@ -247,23 +247,46 @@ class Trainer:
         config = self.config
         prepared = prepare(config)
         network = build_network(config, prepared)
-        optimizers = Optimizers(
-            network, config.optimizer, config.lr, fused=config.fused, embedding_weight_decay=config.embedding_weight_decay
-        )
+        stages = network.embedding.stages
+        optimizers = self._optimizers(network)
         train_loader = BatchLoader(prepared.data, prepared.split.train, config.batch_size, shuffle=True, seed=config.seed)
         valid_loader = BatchLoader(prepared.data, prepared.split.valid, 8192)
-        state = self._fresh_state()
+        state = self._fresh_state(stages[0])
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
             state = self._restore(network, optimizers)
+        while True:
+            self._train_stage(network, optimizers, train_loader, valid_loader, state)
+            if state["stage"] + 1 == len(stages):
+                break
+            optimizers = self._begin_stage(network, stages[state["stage"] + 1], valid_loader, state)
+        network.load_state_dict(self._best_weights(state))
+        result = self._result(network, prepared, state)
+        if self.output:
+            write_text_atomic(json.dumps(result, indent=2) + "\n", self.output)
+        return result
+
+    def _optimizers(self, network: CTRNetwork) -> Optimizers:
+        config = self.config
+        return Optimizers(
+            network, config.optimizer, config.lr, fused=config.fused, embedding_weight_decay=config.embedding_weight_decay
+        )
+
+    def _train_stage(
+        self, network: CTRNetwork, optimizers: Optimizers, train_loader: BatchLoader, valid_loader: BatchLoader,
+        state: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Epochs of the current stage until early stopping (or `epochs`), checkpointing each."""
+        config, stage = self.config, state["stages"][-1]
         loss_fn = nn.BCEWithLogitsLoss()
         while state["epoch"] < config.epochs and not state["stopped"]:
             epoch = state["epoch"]
             started = time.perf_counter()
+            named = f"{stage['name']} " if len(network.embedding.stages) > 1 else ""
             bar = tqdm(
                 train_loader.batches(epoch, start=state["batch"], prefetch=2),
                 total=len(train_loader),
                 initial=state["batch"],
-                desc=f"epoch {epoch + 1}/{config.epochs}",
+                desc=f"{named}epoch {epoch + 1}/{config.epochs}",
                 disable=not self.progress,
                 leave=False,
                 unit="batch",
@@ -278,6 +301,7 @@ class Trainer:
                 optimizers.zero_grad()
                 loss.backward()
                 optimizers.step()
+                network.embedding.after_step()
                 state["batch"] += 1
                 state["examples"] += batch.batch_size
                 if state["batch"] % 20 == 0 or state["batch"] == len(train_loader):
@@ -286,9 +310,13 @@ class Trainer:
                 if config.checkpoint_every and state["batch"] % config.checkpoint_every == 0:
                     self._checkpoint(network, optimizers, state, time.perf_counter() - started)
                     started = time.perf_counter()
-            state["train_seconds"] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            stage["seconds"] += elapsed
+            state["train_seconds"] += elapsed
             metrics = evaluate(network, valid_loader)
-            state["history"].append({"epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]})
+            state["history"].append(
+                {"stage": stage["name"], "epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]}
+            )
             if metrics["auc"] > state["best_auc"]:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch + 1, bad_epochs=0)
                 self._keep_best(network, state)
@@ -296,15 +324,30 @@ class Trainer:
                 state["bad_epochs"] += 1
                 state["stopped"] = state["bad_epochs"] > config.patience
             if self.progress:
-                tqdm.write(f"epoch {epoch + 1}: val AUC {metrics['auc']:.4f}  log loss {metrics['logloss']:.4f}")
+                tqdm.write(f"{named}epoch {epoch + 1}: val AUC {metrics['auc']:.4f}  log loss {metrics['logloss']:.4f}")
             state.update(epoch=epoch + 1, batch=0)
+            stage.update(epochs=epoch + 1, best_epoch=state["best_epoch"], best_val_auc=state["best_auc"])
             self._checkpoint(network, optimizers, state, 0.0)
-        best = state["best_model"] if state["best_model"] is not None else load(self.model_path)["model"]
-        network.load_state_dict(best)
-        result = self._result(network, prepared, state)
-        if self.output:
-            write_text_atomic(json.dumps(result, indent=2) + "\n", self.output)
-        return result
+
+    def _begin_stage(
+        self, network: CTRNetwork, name: str, valid_loader: BatchLoader, state: dict[str, Any]
+    ) -> Optimizers:
+        """From the finished stage's best weights into the next stage, with fresh optimizers and
+        early stopping; checkpointed at once, so a kill after a long search does not redo it."""
+        network.load_state_dict(self._best_weights(state))
+        started = time.perf_counter()
+        result = network.embedding.begin_stage(name, lambda: evaluate(network, valid_loader)["auc"])
+        record = self._stage_record(name)
+        record.update(result=result, begin_seconds=time.perf_counter() - started)
+        state["stages"].append(record)
+        state.update(stage=state["stage"] + 1, epoch=0, batch=0, stopped=False, best_auc=-math.inf, best_epoch=0)
+        state["bad_epochs"] = 0
+        optimizers = self._optimizers(network)
+        self._checkpoint(network, optimizers, state, 0.0)
+        return optimizers
+
+    def _best_weights(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return state["best_model"] if state["best_model"] is not None else load(self.model_path)["model"]
 
     def _keep_best(self, network: nn.Module, state: dict[str, Any]) -> None:
         """The best epoch's weights: written to the run's model file when it has one, else kept in memory.
@@ -316,8 +359,14 @@ class Trainer:
         else:
             save_atomic({"config": asdict(self.config), "model": network.state_dict()}, self.model_path)
 
-    def _fresh_state(self) -> dict[str, Any]:
+    @staticmethod
+    def _stage_record(name: str) -> dict[str, Any]:
+        return {"name": name, "epochs": 0, "best_epoch": 0, "best_val_auc": None, "seconds": 0.0}
+
+    def _fresh_state(self, first_stage: str) -> dict[str, Any]:
+        """Progress of a run; `epoch`, `batch` and the early-stopping fields are the current stage's."""
         return {
+            "stage": 0, "stages": [self._stage_record(first_stage)],
             "epoch": 0, "batch": 0, "examples": 0, "train_seconds": 0.0, "history": [], "stopped": False,
             "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "best_model": None,
         }  # fmt: skip
@@ -381,7 +430,8 @@ def run_record(
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
         "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
+        "epochs_run": sum(stage["epochs"] for stage in state["stages"]),
+        "stages": state["stages"],
         "history": state["history"],
         "train_seconds": state["train_seconds"],
         "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),

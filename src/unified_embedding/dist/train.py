@@ -139,7 +139,9 @@ class DistributedTrainer:
                     started = time.perf_counter()
             state["train_seconds"] += time.perf_counter() - started
             metrics = self._evaluate(model, prepared.data, prepared.split.valid)
-            state["history"].append({"epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]})
+            state["history"].append(
+                {"stage": "train", "epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]}
+            )
             if metrics["auc"] > state["best_auc"]:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch + 1, bad_epochs=0)
                 state["best"] = self._save_best(model, epoch + 1)
@@ -149,6 +151,9 @@ class DistributedTrainer:
             if self.progress:
                 tqdm.write(f"epoch {epoch + 1}: val AUC {metrics['auc']:.4f}  log loss {metrics['logloss']:.4f}")
             state.update(epoch=epoch + 1, batch=0)
+            state["stages"][0].update(
+                epochs=epoch + 1, best_epoch=state["best_epoch"], best_val_auc=state["best_auc"], seconds=state["train_seconds"]
+            )
             self._checkpoint(model, optimizer, state)
         if state["best"] is not None:  # the best epoch's weights, as single-process training keeps them
             best = {"model": model.state_dict()}
@@ -320,7 +325,9 @@ def _sync_buffers(model: nn.Module) -> None:
 
 
 def _fresh_state() -> dict[str, Any]:
+    """Single-process training's state (`Trainer._fresh_state`) for the one stage sharded methods have."""
     return {
+        "stage": 0, "stages": [{"name": "train", "epochs": 0, "best_epoch": 0, "best_val_auc": None, "seconds": 0.0}],
         "epoch": 0, "batch": 0, "examples": 0, "train_seconds": 0.0, "history": [], "stopped": False,
         "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "best": None,
     }  # fmt: skip

@@ -8,8 +8,8 @@ sees only the widths in `out_dims`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import ClassVar, Self
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -91,6 +91,25 @@ class EmbeddingMethod(nn.Module, ABC):
     def extra_loss(self) -> Tensor | None:
         """A method's own training loss term (a sparsity penalty, say), added by the trainer."""
         return None
+
+    #: The method's training stages, in order. Each runs to early stopping on validation AUC
+    #: with fresh optimizer state; a search-then-retrain method names two or three.
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+
+    def begin_stage(self, stage: str, validation_auc: Callable[[], float]) -> dict[str, Any]:
+        """Turn the previous stage's best weights into the start of `stage` (prune rows, fix the
+        widths a search found, re-initialise what is retrained).
+
+        Called for every stage after the first. `validation_auc()` scores the whole network,
+        as it stands, on the validation split, for searches that need it. Whatever the next
+        stage depends on must live in parameters or buffers, so a checkpoint restores it.
+        Returns what run.json records of the transition (found widths, pruned row counts).
+        """
+        raise NotImplementedError(f"method {self.name!r} declares stages {self.stages} but no begin_stage")
+
+    def after_step(self) -> None:
+        """Called after every optimizer step: schedules that act between steps (gradual pruning
+        to a target sparsity, re-assigning rows as the data moves)."""
 
     @classmethod
     @abstractmethod
