@@ -50,8 +50,8 @@ def staged(monkeypatch):
 
 
 def config(data_dir, **overrides) -> TrainConfig:
-    values = dict(dataset="frappe", method="toy_staged", model="dcnv2", budget="0.1x", epochs=2, patience=0,
-                  batch_size=2048, data_dir=str(data_dir), model_options=SMALL_MODEL, max_rows=20_000)  # fmt: skip
+    values = {"dataset": "frappe", "method": "toy_staged", "model": "dcnv2", "budget": "0.1x", "epochs": 2, "patience": 0,
+                  "batch_size": 2048, "data_dir": str(data_dir), "model_options": SMALL_MODEL, "max_rows": 20_000}  # fmt: skip
     values.update(overrides)
     return TrainConfig(**values)
 

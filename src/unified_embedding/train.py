@@ -37,6 +37,7 @@ from unified_embedding.data import (
 from unified_embedding.embeddings import EmbeddingMethod, FullEmbedding, build_embedding, get_method
 from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.features import FeatureSet
+from unified_embedding.lowrank import apply_compression
 from unified_embedding.models import MODELS
 from unified_embedding.network import CTRNetwork
 
@@ -176,6 +177,7 @@ class Optimizers:
     ) -> None:  # fmt: skip
         lr = lr or DEFAULT_LR[name]
         embedding = network.embedding
+        self.grows = embedding.grows
         self.row_optimizers = embedding.fuse_optimizer(name, lr, weight_decay=embedding_weight_decay) if fused else []
         owned = {id(r.table) for r in self.row_optimizers}
         sparse = [p for p in embedding.parameters() if id(p) not in owned] if embedding.sparse else []
@@ -199,8 +201,20 @@ class Optimizers:
             optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
+        if self.grows:
+            self._follow_growth()
         for optimizer in self.optimizers:
             optimizer.step()
+
+    def _follow_growth(self) -> None:
+        """Zero state for rows a parameter gained since the last step (a vocabulary that grows)."""
+        for optimizer in self.optimizers:
+            for param, state in optimizer.state.items():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                        grown = torch.zeros_like(param)
+                        grown[: value.shape[0]] = value
+                        state[key] = grown
 
     def state_dict(self) -> list[dict]:
         return [optimizer.state_dict() for optimizer in [*self.optimizers, *self.row_optimizers]]
@@ -249,7 +263,9 @@ class Trainer:
         network = build_network(config, prepared)
         stages = network.embedding.stages
         optimizers = self._optimizers(network)
-        train_loader = BatchLoader(prepared.data, prepared.split.train, config.batch_size, shuffle=True, seed=config.seed)
+        train_loader = BatchLoader(
+            prepared.data, prepared.split.train, config.batch_size, shuffle=True, seed=config.seed
+        )
         valid_loader = BatchLoader(prepared.data, prepared.split.valid, 8192)
         state = self._fresh_state(stages[0])
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
@@ -268,7 +284,11 @@ class Trainer:
     def _optimizers(self, network: CTRNetwork) -> Optimizers:
         config = self.config
         return Optimizers(
-            network, config.optimizer, config.lr, fused=config.fused, embedding_weight_decay=config.embedding_weight_decay
+            network,
+            config.optimizer,
+            config.lr,
+            fused=config.fused,
+            embedding_weight_decay=config.embedding_weight_decay,
         )
 
     def _train_stage(
@@ -306,7 +326,9 @@ class Trainer:
                 state["examples"] += batch.batch_size
                 if state["batch"] % 20 == 0 or state["batch"] == len(train_loader):
                     seconds = state["train_seconds"] + time.perf_counter() - started
-                    bar.set_postfix(loss=f"{loss.item():.4f}", ex_per_s=f"{state['examples'] / max(seconds, 1e-9):,.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss.item():.4f}", ex_per_s=f"{state['examples'] / max(seconds, 1e-9):,.0f}"
+                    )
                 if config.checkpoint_every and state["batch"] % config.checkpoint_every == 0:
                     self._checkpoint(network, optimizers, state, time.perf_counter() - started)
                     started = time.perf_counter()
@@ -315,7 +337,12 @@ class Trainer:
             state["train_seconds"] += elapsed
             metrics = evaluate(network, valid_loader)
             state["history"].append(
-                {"stage": stage["name"], "epoch": epoch + 1, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]}
+                {
+                    "stage": stage["name"],
+                    "epoch": epoch + 1,
+                    "val_auc": metrics["auc"],
+                    "val_logloss": metrics["logloss"],
+                }
             )
             if metrics["auc"] > state["best_auc"]:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch + 1, bad_epochs=0)
@@ -436,7 +463,11 @@ def run_record(
         "train_seconds": state["train_seconds"],
         "examples_per_second": state["examples"] / max(state["train_seconds"], 1e-9),
         "bad_rows_skipped": prepared.data.bad_rows_skipped,
-        "rows": {"train": len(prepared.split.train), "valid": len(prepared.split.valid), "test": len(prepared.split.test)},
+        "rows": {
+            "train": len(prepared.split.train),
+            "valid": len(prepared.split.valid),
+            "test": len(prepared.split.test),
+        },
         "embedding": {"out_dims": embedding.out_dims, "output_dim": embedding.output_dim},
         "config": asdict(config),
         "fingerprint": config.fingerprint(),
@@ -449,12 +480,28 @@ def run_record(
     }
 
 
-def evaluate_run(run_file: str | Path, split: Literal["valid", "test"] = "test") -> dict[str, float]:
-    """Score a finished run's saved model on one of its splits (rebuilt from its config)."""
-    run = json.loads(Path(run_file).read_text())
+def load_run(run_file: str | Path) -> tuple[dict[str, Any], TrainConfig, Prepared, CTRNetwork]:
+    """A finished run's record, config, data and network with its saved weights.
+
+    The network is rebuilt from the config, then given the low-rank shapes of a run made by
+    `ue compress` (its `compression` record), then loaded.
+    """
+    run_file = Path(run_file)
+    run = json.loads(run_file.read_text())
+    model_file = run_file.with_suffix(".pt")
+    if not model_file.exists():
+        raise FileNotFoundError(f"{model_file} not found: the model file of {run_file} sits beside it")
     config = TrainConfig.from_dict(run["config"])
     prepared = prepare(config)
     network = build_network(config, prepared)
-    network.load_state_dict(load(Path(run_file).with_suffix(".pt"))["model"])
+    if "compression" in run:
+        apply_compression(network, run["compression"])
+    network.load_state_dict(load(model_file)["model"])
+    return run, config, prepared, network
+
+
+def evaluate_run(run_file: str | Path, split: Literal["valid", "test"] = "test") -> dict[str, float]:
+    """Score a finished run's saved model on one of its splits (rebuilt from its config)."""
+    _, _, prepared, network = load_run(run_file)
     rows = prepared.split.valid if split == "valid" else prepared.split.test
     return evaluate(network, BatchLoader(prepared.data, rows, 8192))

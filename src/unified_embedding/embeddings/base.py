@@ -39,6 +39,9 @@ class EmbeddingMethod(nn.Module, ABC):
     #: True when `from_budget` takes `frequent_ids` (each feature's training ids, most frequent
     #: first), which the trainer then computes and passes
     uses_id_frequencies: ClassVar[bool] = False
+    #: True when training may add rows to a parameter (a growing vocabulary); the trainer's
+    #: optimizers then pad their state to follow
+    grows: bool = False
 
     def __init__(self, features: FeatureSet) -> None:
         super().__init__()

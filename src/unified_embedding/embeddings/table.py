@@ -159,6 +159,7 @@ class SlotTableEmbedding(EmbeddingMethod):
         self.sparse = sparse
         self.row_optimizer: RowOptimizer | None = None
         self.weight = nn.Parameter(zeros_on_huge_pages(num_rows, chunk_dim))
+        self.init_scale = init_scale
         uniform_init(self.weight, init_scale)
         self._out_dims = {name: chunk_dim * slot_features.count(name) for name in names}
         index = {name: i for i, name in enumerate(names)}

@@ -1,0 +1,283 @@
+"""Progressive validation in time order: predict each window, score it, then train on it, once.
+
+This is how a CTR model lives in production: it serves today's traffic with what it
+learned up to yesterday, then learns today. Every example is scored before the model has
+trained on it, so the score needs no held-out split, and examples whose ids the stream had
+never shown (new users, new ads) can be scored separately: the paper's dynamic-data claim.
+
+Memory stays bounded on a stream far longer than memory: windows are gathered one at a
+time from memory-mapped columns (or made by a generator), the overall metrics are
+histograms (metrics.py) and the seen-id set is a Bloom filter (seen.py), so what grows is
+one small record per window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import unified_embedding
+from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
+from unified_embedding.data import BatchLoader, CTRData, Split, load_dataset, vocabularies
+from unified_embedding.embeddings import FullEmbedding
+from unified_embedding.embeddings.base import resolve_budget
+from unified_embedding.network import CTRNetwork
+from unified_embedding.stream.metrics import StreamingMetrics, window_metrics
+from unified_embedding.stream.seen import DEFAULT_BITS_LOG2, SeenIds, batch_keys
+from unified_embedding.train import Optimizers, Prepared, TrainConfig, build_network
+
+#: rows predicted at once (prediction needs no gradient, so larger batches are cheaper)
+PREDICT_BATCH = 8192
+
+
+@dataclass
+class StreamConfig:
+    """A streaming run: the model, method and optimizer of `train` (its epochs, patience and
+    split are not used: a stream is one pass in time order), plus the stream's own settings."""
+
+    train: TrainConfig
+    #: examples per scored window
+    window: int = 10_000
+    #: share of the stream, from its start, that only trains (and defines `full`'s vocabulary)
+    warmup: float = 0.5
+    #: checkpoint after every this many windows (warm-up windows included)
+    checkpoint_every: int = 1
+    #: size of the seen-id Bloom filter (seen.py), 2^27 bits = 16 MiB
+    seen_bits_log2: int = DEFAULT_BITS_LOG2
+
+    def validate(self) -> StreamConfig:
+        self.train.validate()
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be a positive number of examples, got {self.window!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a share of the stream in [0, 1), got {self.warmup}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 window, got {self.checkpoint_every}")
+        return self
+
+    def fingerprint(self) -> str:
+        defining = {"train": self.train.fingerprint(), "window": self.window, "warmup": self.warmup,
+                    "seen_bits_log2": self.seen_bits_log2}  # fmt: skip
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Window(NamedTuple):
+    """A stretch of the stream: `rows` of `data`, in time order; `scored` is False during warm-up."""
+
+    data: CTRData
+    rows: np.ndarray
+    scored: bool
+
+
+@dataclass
+class Stream:
+    """What a streaming run consumes: the network to train and `count` windows, made on demand."""
+
+    network: CTRNetwork
+    count: int
+    window: Callable[[int], Window]
+    describe: dict[str, Any]
+
+
+def time_order(data: CTRData) -> np.ndarray:
+    if data.time is None:
+        raise ValueError(f"dataset {data.name!r} has no time (or row order) to stream in; streaming needs one")
+    return np.argsort(data.time, kind="stable").astype(np.int64)
+
+
+def window_bounds(total: int, warmup: int, window: int) -> list[tuple[int, int]]:
+    """[start, end) of each window: the warm-up cut into windows, then the rest."""
+    cuts = list(range(0, warmup, window)) + list(range(warmup, total, window)) + [total]
+    return [(start, end) for start, end in itertools.pairwise(cuts) if end > start]
+
+
+def dataset_stream(config: StreamConfig) -> Stream:
+    """A real dataset in time order. `full`'s vocabulary (and every method's cardinalities) come
+    from the warm-up, which is all a model built at the stream's start could know; the budget's
+    reference ("1x") is `full` over every id of the stream, so 0.25x means a quarter of what
+    collisionless rows for all the ids that will arrive would cost."""
+    train = config.train
+    data = load_dataset(train.dataset, train.data_dir, on_bad_rows=train.on_bad_rows)
+    if train.max_rows is not None:
+        data = data.head(train.max_rows)
+    order = time_order(data)
+    warm = math.floor(config.warmup * len(order))
+    if warm < 1:
+        raise ValueError(
+            f"a warm-up of {config.warmup} of {len(order)} rows is empty; the model needs ids to start from"
+        )
+    vocab = vocabularies(data, order[:warm])
+    features = data.features.with_cardinalities({name: len(ids) for name, ids in vocab.items()})
+    reference = FullEmbedding.parameter_count(data.features, vocabularies(data, order))
+    prepared = Prepared(data, Split(order[:warm], order[:0], order[warm:]), features, vocab, reference,
+                        resolve_budget(train.budget, reference))  # fmt: skip
+    bounds = window_bounds(len(order), warm, config.window)
+    return Stream(
+        network=build_network(train, prepared),
+        count=len(bounds),
+        window=lambda i: Window(data, order[bounds[i][0] : bounds[i][1]], bounds[i][0] >= warm),
+        describe={
+            "rows": len(order),
+            "warmup_rows": warm,
+            "budget": prepared.budget,
+            "full_embedding_params": reference,
+        },
+    )
+
+
+class StreamRunner:
+    """Runs a stream to a stream.json, checkpointing so a killed run resumes to the same result."""
+
+    def __init__(self, config: StreamConfig, output: str | Path | None = None, *, progress: bool = True) -> None:
+        self.config = config.validate()
+        self.output = Path(output) if output else None
+        self.checkpoint_path = self.output.with_suffix(".ckpt") if self.output else None
+        self.progress = progress
+
+    def run(self, stream: Stream | None = None, *, resume: bool = False) -> dict[str, Any]:
+        config = self.config
+        stream = stream or dataset_stream(config)
+        network = stream.network
+        optimizers = Optimizers(network, config.train.optimizer, config.train.lr,
+                                fused=config.train.fused, embedding_weight_decay=config.train.embedding_weight_decay)  # fmt: skip
+        state = {"window": 0, "windows": [], "seconds": 0.0, "all": StreamingMetrics(), "new": StreamingMetrics(),
+                 "seen": SeenIds(config.seen_bits_log2)}  # fmt: skip
+        if resume and self.checkpoint_path and self.checkpoint_path.exists():
+            optimizers = self._restore(network, state)
+        bar = tqdm(total=stream.count, initial=state["window"], desc="stream", unit="window", disable=not self.progress)
+        while state["window"] < stream.count:
+            started = time.perf_counter()
+            window = stream.window(state["window"])
+            record = self._window(network, optimizers, window, state)
+            state["seconds"] += time.perf_counter() - started
+            if record is not None:
+                record.update(window=state["window"], seconds=state["seconds"], rss_mib=current_rss_mib())
+                state["windows"].append(record)
+                bar.set_postfix(auc=f"{record['auc'] or float('nan'):.4f}")
+            state["window"] += 1
+            bar.update()
+            if state["window"] % config.checkpoint_every == 0 or state["window"] == stream.count:
+                self._checkpoint(network, optimizers, state)
+        bar.close()
+        result = self._result(network, stream, state)
+        if self.output:
+            write_text_atomic(json.dumps(result, indent=2) + "\n", self.output)
+        return result
+
+    def _window(self, network: CTRNetwork, optimizers: Optimizers, window: Window, state: dict) -> dict | None:
+        """Score the window (if it is past the warm-up), remember its ids, then train on it in time order."""
+        record = None
+        if window.scored:
+            scores, labels, new = self._predict(network, window, state["seen"])
+            state["all"].add(scores, labels)
+            state["new"].add(scores[new], labels[new])
+            record = {"examples": len(labels), "new_examples": int(new.sum()), **window_metrics(scores, labels)}
+            record.update({f"new_{k}": v for k, v in window_metrics(scores[new], labels[new]).items()})
+            if window.data.time is not None:
+                times = window.data.time[window.rows]
+                record.update(first_time=int(times.min()), last_time=int(times.max()))
+        loader = BatchLoader(window.data, window.rows, self.config.train.batch_size)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for batch in loader.batches(prefetch=2):
+            if not window.scored:
+                state["seen"].add(batch_keys(batch))
+            loss = loss_fn(network(batch), batch.labels)
+            extra = network.embedding.extra_loss()
+            if extra is not None:
+                loss = loss + extra
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} in window {state['window']}; lower --lr")
+            optimizers.zero_grad()
+            loss.backward()
+            optimizers.step()
+            network.embedding.after_step()
+        return record
+
+    @torch.no_grad()
+    def _predict(self, network: CTRNetwork, window: Window, seen: SeenIds) -> tuple[np.ndarray, ...]:
+        network.eval()
+        scores, labels, new, keys = [], [], [], []
+        for batch in BatchLoader(window.data, window.rows, PREDICT_BATCH).batches():
+            scores.append(torch.sigmoid(network(batch)).numpy())
+            labels.append(batch.labels.numpy())
+            new.append(seen.new_examples(batch))
+            keys.append(batch_keys(batch))
+        network.train()
+        seen.add(torch.cat(keys))  # after the whole window: an id first seen in it is new in all its examples
+        return np.concatenate(scores), np.concatenate(labels), np.concatenate(new)
+
+    def _checkpoint(self, network: CTRNetwork, optimizers: Optimizers, state: dict) -> None:
+        if not self.checkpoint_path:
+            return
+        save_atomic(
+            {
+                "fingerprint": self.config.fingerprint(),
+                "window": state["window"], "windows": state["windows"], "seconds": state["seconds"],
+                "all": state["all"].state_dict(), "new": state["new"].state_dict(), "seen": state["seen"].state_dict(),
+                "model": network.state_dict(), "optimizers": optimizers.state_dict(), "rng": torch.get_rng_state(),
+            },
+            self.checkpoint_path,
+        )  # fmt: skip
+
+    def _restore(self, network: CTRNetwork, state: dict) -> Optimizers:
+        saved = load(self.checkpoint_path)
+        if saved["fingerprint"] != self.config.fingerprint():
+            raise ValueError(
+                f"{self.checkpoint_path} belongs to a different configuration; "
+                "use the same flags to resume, or another --output to start afresh"
+            )
+        network.load_state_dict(saved["model"])
+        train = self.config.train
+        optimizers = Optimizers(network, train.optimizer, train.lr, fused=train.fused,
+                                embedding_weight_decay=train.embedding_weight_decay)  # fmt: skip
+        optimizers.load_state_dict(saved["optimizers"])
+        torch.set_rng_state(saved["rng"])
+        state.update(window=saved["window"], windows=saved["windows"], seconds=saved["seconds"])
+        for key in ("all", "new", "seen"):
+            state[key].load_state_dict(saved[key])
+        return optimizers
+
+    def _result(self, network: CTRNetwork, stream: Stream, state: dict) -> dict[str, Any]:
+        embedding = network.embedding
+        overall, new = state["all"].result(), state["new"].result()
+        train = self.config.train
+        return {
+            "protocol": "stream",
+            "dataset": train.dataset, "method": train.method, "model": train.model, "seed": train.seed,
+            **stream.describe,
+            "num_embedding_params": embedding.num_parameters(), "num_embedding_bytes": embedding.num_bytes(),
+            "num_params": sum(p.numel() for p in network.parameters()),
+            "auc": overall["auc"], "logloss": overall["logloss"], "examples": overall["examples"],
+            "new_auc": new["auc"], "new_logloss": new["logloss"], "new_examples": new["examples"],
+            "windows": state["windows"],
+            "seconds": state["seconds"], "peak_rss_mib": peak_rss_mib(),
+            "config": {**asdict(self.config), "train": asdict(train)},
+            "fingerprint": self.config.fingerprint(),
+            "versions": {"unified_embedding": unified_embedding.__version__, "torch": torch.__version__,
+                         "python": sys.version.split()[0], "platform": platform.platform()},
+        }  # fmt: skip
+
+
+def current_rss_mib() -> float:
+    """Resident memory now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
