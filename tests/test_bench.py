@@ -261,3 +261,32 @@ def test_a_run_killed_mid_way_resumes_from_its_checkpoint_with_identical_results
         (first,), (second,) = a.runs(), b.runs()
     assert second["test_auc"] == first["test_auc"] and second["result"]["history"] == first["result"]["history"]
     assert not list((tmp_path / "r.db.runs").iterdir())
+
+
+def test_method_variants_parse_and_get_runs_of_their_own(data_dir):
+    assert sweep.split_methods("unified,full[unseen=grow,dim=8],zch") == ["unified", "full[unseen=grow,dim=8]", "zch"]
+    assert sweep.parse_method("full[unseen=grow,dim=8]") == ("full", {"unseen": "grow", "dim": 8})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sweep.parse_method("full[grow]")
+    configs = tiny_spec(data_dir, methods="full,full[unseen=grow]", budgets=["1x"]).configs()
+    assert [c.method_options for c in configs] == [{}, {"unseen": "grow"}]
+    assert len({c.fingerprint() for c in configs}) == 2
+
+
+def test_a_stream_sweep_is_stored_resumable_and_reported(data_dir, tmp_path):
+    spec = tiny_spec(data_dir, methods="unified,full", budgets=["0.25x"], protocol="stream", window=500,
+                     max_rows=3000)  # fmt: skip
+    results = tmp_path / "stream.db"
+    first = run_sweep(spec, results, progress=False)
+    assert (first.finished, first.failed) == (2, 0)
+    assert run_sweep(spec, results, progress=False).skipped == 2
+    with ResultStore(results) as store:
+        runs = store.runs()
+    assert {r["method"] for r in runs} == {"unified", "full"}
+    for run in runs:
+        assert run["test_auc"] == run["result"]["auc"] and run["result"]["windows"]
+        assert run["config"]["window"] == 500
+    report = write_report(results, tmp_path / "report").read_text()
+    assert "## Streaming" in report and "new-id AUC" in report and "`unified`" in report
+    assert (tmp_path / "report" / "stream_movielens-100k_0.25x.png").stat().st_size > 10_000
+    assert "--protocol stream --window 500" in describe_command(spec, results)

@@ -19,6 +19,7 @@ import json
 import shlex
 from typing import Any
 
+from unified_embedding.stream import DEFAULT_STREAM_BATCH_SIZE, StreamConfig
 from unified_embedding.train import TrainConfig
 
 BENCH_HELP = "sweep methods x budgets x datasets x seeds into a results database (resumes where it stopped)"
@@ -67,7 +68,12 @@ def _option(text: str) -> tuple[str, Any]:
 # --------------------------------------------------------------------------------- bench
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", type=_csv, required=True, help="comma-separated dataset names (or TOML files)")
-    p.add_argument("--methods", default="all", help="comma-separated methods, or 'all' (every registered method)")
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="comma-separated methods, or 'all' (every registered method); a variant "
+        "takes options of its own: full[unseen=grow]",
+    )
     p.add_argument("--budgets", type=_csv, default=["0.01x", "0.03x", "0.1x", "0.3x", "1x"],
                    help="comma-separated budgets: multiples of `full` (0.1x) or parameter counts")  # fmt: skip
     p.add_argument("--seeds", type=_seeds, default=3, help="a count (3: seeds 0,1,2) or a list (0,4,9)")
@@ -80,7 +86,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--epochs", type=int, default=TrainConfig.epochs, help="at most this many; early stopping on val AUC"
     )
     p.add_argument("--patience", type=int, default=TrainConfig.patience)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--batch-size", type=int, help=f"default {TrainConfig.batch_size}, or {DEFAULT_STREAM_BATCH_SIZE} with --protocol stream")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-2 for adagrad)")
     p.add_argument("--optimizer", choices=["adam", "adagrad"], default="adam")
     p.add_argument("--split", choices=["random", "time"], default="random")
@@ -98,6 +104,21 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run instead of recording it")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for small models on shared cores)")
+    p.add_argument(
+        "--protocol",
+        choices=["train", "stream"],
+        default="train",
+        help="train: early stopping on validation, test scored once; stream: progressive validation in time order",
+    )
+    p.add_argument(
+        "--window", type=int, default=StreamConfig.window, help="stream protocol: examples per scored window"
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=StreamConfig.warmup,
+        help="stream protocol: share of the stream that only trains (and gives `full` its vocabulary)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -115,11 +136,12 @@ def spec_from_args(args: argparse.Namespace):
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         split=args.split, split_seed=args.split_seed, on_bad_rows=args.on_bad_rows, data_dir=args.data_dir,
         method_options=common, options_by_method=per_method, model_options=dict(args.model_option),
-        max_rows=args.max_rows, decompose=decompose,
+        max_rows=args.max_rows, decompose=decompose, protocol=args.protocol, window=args.window, warmup=args.warmup,
     )  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from unified_embedding.bench.runs import train_config
     from unified_embedding.bench.store import ResultStore
     from unified_embedding.bench.sweep import describe_command, run_sweep
 
@@ -130,7 +152,8 @@ def run_bench(args: argparse.Namespace) -> int:
             done = store.done_fingerprints()
         todo = [c for c in configs if c.fingerprint() not in done]
         for c in todo:
-            print(f"{c.dataset}\t{c.method}\t{c.budget}\tseed {c.seed}\t{c.fingerprint()}")
+            t = train_config(c)
+            print(f"{t.dataset}\t{t.method}\t{t.budget}\tseed {t.seed}\t{c.fingerprint()}")
         print(f"{len(todo)} of {len(configs)} runs to do")
         return 0
     summary = run_sweep(

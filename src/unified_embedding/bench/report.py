@@ -30,6 +30,7 @@ import numpy as np
 from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.decomposition import plot_decomposition
 from unified_embedding.bench.store import ResultStore
+from unified_embedding.bench.stream_report import stream_lines, stream_sections
 
 PRODUCT = "unified"
 BASELINE = "hashing"
@@ -216,8 +217,8 @@ def load_sections(store: ResultStore, datasets: Sequence[str] | None = None) -> 
     decompositions = store.decompositions()
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        if datasets and run["dataset"] not in datasets:
-            continue
+        if "train" in run["config"] or (datasets and run["dataset"] not in datasets):
+            continue  # stream runs have a section of their own (stream_report.py)
         groups[(run["dataset"], json.dumps(_setting(run), sort_keys=True))].append(run)
     per_dataset: dict[str, list[str]] = defaultdict(list)
     for dataset, key in groups:
@@ -477,9 +478,10 @@ def write_report(
         raise FileNotFoundError(f"no results database at {results}")
     with ResultStore(results) as store:
         sections = load_sections(store, datasets)
+        streams = stream_sections(store, datasets)
         sweeps = store.sweeps()
         finished = store.runs(status="finished")
-    if not sections:
+    if not sections and not streams:
         raise ValueError(f"{results} holds no runs" + (f" for datasets {', '.join(datasets)}" if datasets else ""))
     dataset_notes = _read_notes(notes)
     lines = ["# Embedding methods on the Pareto frontier: test AUC against parameters", ""]
@@ -505,11 +507,14 @@ def write_report(
             "means; a gap under two standard errors is noise."
         ),
         "",
-        "Contents: " + ", ".join(f"[{s.label}](#{_anchor(s.label)})" for s in sections),
+        "Contents: "
+        + ", ".join(f"[{s.label}](#{_anchor(s.label)})" for s in sections)
+        + (", [streaming](#streaming-progressive-validation-in-time-order)" if streams else ""),
         "",
     ]
     for section in sections:
         lines += _section_lines(section, out, dataset_notes.get(section.dataset))
+    lines += stream_lines(streams, out)
     path = out / name
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

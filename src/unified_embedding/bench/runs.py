@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from unified_embedding.stream import StreamConfig
 from unified_embedding.train import TrainConfig
+
+#: One run of the lab: a training run, or a streaming run (`ue bench --protocol stream`).
+RunConfig = TrainConfig | StreamConfig
+
+
+def train_config(config: RunConfig) -> TrainConfig:
+    """The model-defining part of a run of either protocol (dataset, method, budget, seed)."""
+    return config.train if isinstance(config, StreamConfig) else config
 
 
 def make_config(**values: Any) -> TrainConfig:

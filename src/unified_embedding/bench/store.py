@@ -9,6 +9,11 @@ run intact and no half-written one. A run is keyed by its configuration's finger
 Statuses: ``running`` (started, not finished: a killed run, re-run on resume), ``finished``,
 ``refused`` (the method cannot meet the budget: `BudgetError`, with its message; not re-run),
 ``failed`` (any other error, with the traceback; re-run on resume).
+
+Runs of the stream protocol (`StreamConfig`) share the table: their dataset, method, budget
+and seed are their model's, `test_auc` / `test_logloss` hold the stream's progressive
+validation score (every example scored before it was trained on), `config` holds the whole
+stream configuration and `result` the stream.json, with its windows and new-id scores.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Self
 import torch
 
 import unified_embedding
-from unified_embedding.train import TrainConfig
+from unified_embedding.bench.runs import RunConfig, train_config
 
 SCHEMA_VERSION = 1
 DONE = ("finished", "refused")
@@ -182,13 +187,13 @@ class ResultStore:
         marks = ",".join("?" * len(DONE))
         return {row[0] for row in self.conn.execute(f"SELECT fingerprint FROM runs WHERE status IN ({marks})", DONE)}
 
-    def mark_running(self, config: TrainConfig, sweep_id: int | None = None) -> None:
+    def mark_running(self, config: RunConfig, sweep_id: int | None = None) -> None:
         """Record that a run started (kept only until its outcome replaces it)."""
         self._write(config, "running", sweep_id=sweep_id)
 
     def record_finished(
         self,
-        config: TrainConfig,
+        config: RunConfig,
         result: Mapping[str, Any],
         *,
         wall_seconds: float,
@@ -199,17 +204,15 @@ class ResultStore:
         self._write(config, "finished", result=result, wall_seconds=wall_seconds, sweep_id=sweep_id,
                     decomposition=decomposition)  # fmt: skip
 
-    def record_refused(self, config: TrainConfig, message: str, *, sweep_id: int | None = None) -> None:
+    def record_refused(self, config: RunConfig, message: str, *, sweep_id: int | None = None) -> None:
         self._write(config, "refused", error=message, sweep_id=sweep_id)
 
-    def record_failed(
-        self, config: TrainConfig, error: str, *, wall_seconds: float, sweep_id: int | None = None
-    ) -> None:
+    def record_failed(self, config: RunConfig, error: str, *, wall_seconds: float, sweep_id: int | None = None) -> None:
         self._write(config, "failed", error=error, wall_seconds=wall_seconds, sweep_id=sweep_id)
 
     def _write(
         self,
-        config: TrainConfig,
+        config: RunConfig,
         status: str,
         *,
         result: Mapping[str, Any] | None = None,
@@ -219,14 +222,18 @@ class ResultStore:
         decomposition: Mapping[str, Any] | None = None,
     ) -> None:
         fingerprint = config.fingerprint()
+        train = train_config(config)
         row: dict[str, Any] = {
-            "fingerprint": fingerprint, "status": status, "dataset": config.dataset, "method": config.method,
-            "model": config.model, "budget": str(config.budget), "seed": config.seed,
+            "fingerprint": fingerprint, "status": status, "dataset": train.dataset, "method": train.method,
+            "model": train.model, "budget": str(train.budget), "seed": train.seed,
             "config": json.dumps(asdict(config), sort_keys=True), "error": error, "wall_seconds": wall_seconds,
             "sweep_id": sweep_id, "started_at": now(), "finished_at": None if status == "running" else now(),
             **versions(),
         }  # fmt: skip
         if result is not None:
+            if result.get("protocol") == "stream":
+                result = {**result, "test_auc": result["auc"], "test_logloss": result["logloss"],
+                          "train_seconds": result["seconds"]}  # fmt: skip
             row.update({key: result.get(key) for key in _RESULT_COLUMNS})
             row["budget_params"] = result.get("budget")
             row["result"] = json.dumps(result, sort_keys=True)

@@ -1,5 +1,10 @@
 """The grid: datasets x methods x budgets x seeds, one training run each, resumable.
 
+Two protocols: ``train`` (early stopping on the validation split, test scored once) and
+``stream`` (progressive validation in time order, `unified_embedding.stream`). A method may
+be given with options of its own, ``full[unseen=grow]``, so that variants of one method
+are compared in one sweep.
+
 `run_sweep(spec, results)` trains every run of the grid that the results database does not
 already hold as finished (or refused), records each outcome in one transaction as soon as
 it is known, and shows a progress bar over runs with the time left. A sweep killed at any
@@ -19,15 +24,16 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from unified_embedding.bench.decomposition import decompose_saved
-from unified_embedding.bench.runs import make_config
+from unified_embedding.bench.runs import RunConfig, make_config, train_config
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.embeddings import METHODS, BudgetError, get_method
+from unified_embedding.stream import DEFAULT_STREAM_BATCH_SIZE, StreamConfig, StreamRunner
 from unified_embedding.train import TrainConfig, Trainer
 
 #: Methods whose decomposition is measured after training (seed `decompose_seed` only).
@@ -45,7 +51,8 @@ class SweepSpec:
     model: str = "dcnv2"
     epochs: int = TrainConfig.epochs
     patience: int = TrainConfig.patience
-    batch_size: int = TrainConfig.batch_size
+    #: None: the protocol's default (TrainConfig's, or the stream's smaller one)
+    batch_size: int | None = None
     lr: float | None = None
     optimizer: str = "adam"
     split: str = "random"
@@ -61,16 +68,19 @@ class SweepSpec:
     max_rows: int | None = None
     #: methods whose feature-multiplexing decomposition is measured and stored
     decompose: Sequence[str] = DECOMPOSED
+    protocol: Literal["train", "stream"] = "train"
+    #: the stream protocol's window and warm-up (see `StreamConfig`)
+    window: int = StreamConfig.window
+    warmup: float = StreamConfig.warmup
 
     def method_names(self) -> list[str]:
+        """Method entries as given: registry names, each optionally with ``[KEY=VALUE,...]``."""
         if isinstance(self.methods, str):
-            names = (
-                list(METHODS) if self.methods == "all" else [m.strip() for m in self.methods.split(",") if m.strip()]
-            )
+            names = list(METHODS) if self.methods == "all" else split_methods(self.methods)
         else:
             names = list(self.methods)
         for name in names:
-            get_method(name)  # unknown names fail before any run
+            get_method(parse_method(name)[0])  # unknown names fail before any run
         return list(dict.fromkeys(names))
 
     def seed_list(self) -> list[int]:
@@ -80,25 +90,35 @@ class SweepSpec:
             return list(range(self.seeds))
         return [int(s) for s in self.seeds]
 
-    def configs(self) -> list[TrainConfig]:
+    def batch_size_used(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return DEFAULT_STREAM_BATCH_SIZE if self.protocol == "stream" else TrainConfig.batch_size
+
+    def configs(self) -> list[RunConfig]:
         """Every run of the grid, validated, in the order they run: dataset, seed, budget, method."""
         if not self.datasets or not self.budgets:
             raise ValueError("a sweep needs at least one dataset and one budget")
+        if self.protocol not in ("train", "stream"):
+            raise ValueError(f"protocol must be 'train' or 'stream', got {self.protocol!r}")
         out = []
         for dataset in self.datasets:
             for seed in self.seed_list():
                 for budget in self.budgets:
-                    for method in self.method_names():
-                        options = dict(self.method_options) | dict(self.options_by_method.get(method, {}))
+                    for entry in self.method_names():
+                        method, own = parse_method(entry)
+                        options = dict(self.method_options) | dict(self.options_by_method.get(method, {})) | own
                         out.append(
                             make_config(
                                 dataset=dataset, method=method, model=self.model, budget=str(budget), seed=seed,
-                                epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
+                                epochs=self.epochs, patience=self.patience, batch_size=self.batch_size_used(), lr=self.lr,
                                 optimizer=self.optimizer, split=self.split, split_seed=self.split_seed,
                                 on_bad_rows=self.on_bad_rows, data_dir=self.data_dir, method_options=options,
                                 model_options=dict(self.model_options), max_rows=self.max_rows,
                             )
                         )  # fmt: skip
+                        if self.protocol == "stream":
+                            out[-1] = StreamConfig(out[-1], window=self.window, warmup=self.warmup).validate()
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +183,7 @@ def run_sweep(
 
 
 def _sweep(
-    configs: list[TrainConfig],
+    configs: list[RunConfig],
     spec: SweepSpec,
     results: Path,
     work: Path,
@@ -186,9 +206,8 @@ def _sweep(
         bar = tqdm(todo, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
         try:
             for config in bar:
-                bar.set_postfix_str(
-                    f"{config.dataset} {config.method} {config.budget} seed {config.seed}", refresh=True
-                )
+                train = train_config(config)
+                bar.set_postfix_str(f"{train.dataset} {train.method} {train.budget} seed {train.seed}", refresh=True)
                 outcome = _one_run(
                     config, store, work, summary.sweep_id, spec, run_progress, stop_on_error, keep_models
                 )
@@ -205,7 +224,7 @@ def _sweep(
 
 
 def _one_run(
-    config: TrainConfig,
+    config: RunConfig,
     store: ResultStore,
     work: Path,
     sweep_id: int,
@@ -219,9 +238,12 @@ def _one_run(
     store.mark_running(config, sweep_id)
     started = time.perf_counter()
     try:
-        result = Trainer(config, output, progress=run_progress).run(resume=True)
         decomposition = None
-        if config.method in spec.decompose and config.seed == min(spec.seed_list()):
+        if isinstance(config, StreamConfig):
+            result = StreamRunner(config, output, progress=run_progress).run(resume=True)
+        else:
+            result = Trainer(config, output, progress=run_progress).run(resume=True)
+        if isinstance(config, TrainConfig) and config.method in spec.decompose and config.seed == min(spec.seed_list()):
             decomposition = _decomposition(config, output.with_suffix(".pt"))
     except BudgetError as error:
         store.record_refused(config, str(error), sweep_id=sweep_id)
@@ -233,13 +255,47 @@ def _one_run(
         store.record_failed(
             config, traceback.format_exc(), wall_seconds=time.perf_counter() - started, sweep_id=sweep_id
         )
-        tqdm.write(f"bench: {config.dataset} {config.method} {config.budget} seed {config.seed} failed (recorded)")
+        train = train_config(config)
+        tqdm.write(f"bench: {train.dataset} {train.method} {train.budget} seed {train.seed} failed (recorded)")
         return "failed"
     store.record_finished(config, result, wall_seconds=time.perf_counter() - started, sweep_id=sweep_id,
                           decomposition=decomposition)  # fmt: skip
     if not keep_models:
         _clean(output)
     return "finished"
+
+
+def split_methods(text: str) -> list[str]:
+    """Comma-separated method entries; commas inside ``[...]`` belong to an entry's options."""
+    entries, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            entries.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    entries.append(current.strip())
+    return [e for e in entries if e]
+
+
+def parse_method(entry: str) -> tuple[str, dict[str, Any]]:
+    """``full[unseen=grow,dim=8]`` -> ("full", {"unseen": "grow", "dim": 8}); values read as Python literals."""
+    name, bracket, rest = entry.partition("[")
+    if not bracket:
+        return entry.strip(), {}
+    if not rest.endswith("]"):
+        raise ValueError(f"method entry {entry!r}: options go in one [KEY=VALUE,...] at the end")
+    options = {}
+    for item in filter(None, (part.strip() for part in split_methods(rest[:-1]))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method entry {entry!r}: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return name.strip(), options
 
 
 def _decomposition(config: TrainConfig, model_path: Path) -> dict[str, Any]:
@@ -274,6 +330,8 @@ def describe_command(spec: SweepSpec, results: str | Path) -> str:
             args += ["--method-option", f"{method}:{key}={_literal(value)}"]
     for key, value in spec.model_options.items():
         args += ["--model-option", f"{key}={_literal(value)}"]
+    if spec.protocol != "train":
+        args += ["--protocol", spec.protocol, "--window", str(spec.window), "--warmup", str(spec.warmup)]
     if list(spec.decompose) != list(DECOMPOSED):
         args += ["--decompose", ",".join(spec.decompose) or "none"]
     return shlex.join(args)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unified_embedding.data.jagged import gather_jagged
 from unified_embedding.features import FeatureKind, FeatureSet
 
 
@@ -41,6 +42,25 @@ class CTRData:
             categorical={name: ids[:n] for name, ids in self.categorical.items()},
             multivalent={name: (v[: int(o[n])], o[: n + 1]) for name, (v, o) in self.multivalent.items()},
             time=None if self.time is None else self.time[:n],
+            bad_rows_skipped=self.bad_rows_skipped,
+            sources=list(self.sources),
+        )
+
+    def take(self, rows: np.ndarray) -> CTRData:
+        """The rows `rows`, in that order, as a new in-memory dataset (a time-ordered prefix, say)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        multivalent = {}
+        for name, (values, offsets) in self.multivalent.items():
+            taken, lengths = gather_jagged(values, offsets, rows)
+            multivalent[name] = (taken, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return CTRData(
+            name=self.name,
+            features=self.features,
+            labels=self.labels[rows],
+            dense=self.dense[rows],
+            categorical={name: ids[rows] for name, ids in self.categorical.items()},
+            multivalent=multivalent,
+            time=None if self.time is None else self.time[rows],
             bad_rows_skipped=self.bad_rows_skipped,
             sources=list(self.sources),
         )

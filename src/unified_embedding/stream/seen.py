@@ -50,6 +50,11 @@ class SeenIds:
         example = example_of_value(batch)
         return np.bincount(example[unseen], minlength=batch.batch_size) > 0
 
+    def copy(self) -> SeenIds:
+        twin = SeenIds(self.bits_log2)
+        twin.bits[:] = self.bits
+        return twin
+
     def state_dict(self) -> dict:
         return {"bits_log2": self.bits_log2, "bits": self.bits.copy()}
 
