@@ -34,9 +34,9 @@ VOCABULARIES = {
 }
 FULL_SIZE = FullEmbedding.parameter_count(FEATURES, VOCABULARIES)
 #: Methods sized in whole columns of every vocabulary row: their granularity is one column.
-COLLISIONLESS = {"full", "mixed_dim", "pep"}
+COLLISIONLESS = {"full", "mixed_dim", "pep", "optembed", "autodim", "autosrh"}
 #: Methods that report what a deployment stores after pruning (non-zeros plus positions).
-PRUNED = {"pep"}
+PRUNED = {"pep", "optembed", "autodim", "autosrh"}
 #: Methods that also count integer state they store, in 32-bit words (zch's id map).
 WITH_STATE = {"zch"}
 

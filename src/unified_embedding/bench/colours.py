@@ -22,6 +22,15 @@ METHOD_COLOURS = {
     "mixed_dim": "#98df8a",
     "pep": "#c5b0d5",
     "pq": "#c49c94",
+    "zch": "#393b79",
+    "optembed": "#637939",
+    "autodim": "#8c6d31",
+    "autosrh": "#843c39",
+    "dpq": "#7b4173",
+    "mgqe": "#3182bd",
+    "alpt": "#e6550d",
+    "deeplight": "#31a354",
+    "adaembed": "#756bb1",
 }
 
 #: Colours for methods registered later, chosen by a stable hash of the name (never by order).
