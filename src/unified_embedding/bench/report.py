@@ -318,7 +318,8 @@ def _slug(text: str) -> str:
 
 
 def _read_notes(path: str | Path | None) -> dict[str, str]:
-    """`## <dataset>` sections of a Markdown notes file, by dataset name (text inserted under that dataset)."""
+    """`## <dataset>` sections of a Markdown notes file, by dataset name (text inserted under that dataset;
+    `## stream <dataset>` goes under the dataset's streaming results)."""
     if path is None:
         return {}
     notes: dict[str, list[str]] = {}
@@ -514,7 +515,7 @@ def write_report(
     ]
     for section in sections:
         lines += _section_lines(section, out, dataset_notes.get(section.dataset))
-    lines += stream_lines(streams, out)
+    lines += stream_lines(streams, out, dataset_notes)
     path = out / name
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

@@ -123,24 +123,22 @@ def verdict_lines(section: StreamSection) -> list[str]:
         return [f"- `{PRODUCT}` was not streamed at this budget."]
     lines = []
     for other in sorted(set(runs) - {PRODUCT}):
-        diff, se = _difference(runs[PRODUCT], runs[other], "new_auc")
-        overall, overall_se = _difference(runs[PRODUCT], runs[other], "auc")
-        if se > 0:
-            call = (
-                "beats" if diff > 2 * se else "loses to" if diff < -2 * se else "ties with (within two standard errors)"
-            )
-        else:
-            call = "beats" if diff > 0 else "loses to"
-        lines.append(
-            f"- on new-id examples `{PRODUCT}` {call} `{other}`: AUC difference {diff:+.4f} (standard error "
-            f"{se:.4f}); over all examples {overall:+.4f} ({overall_se:.4f})."
-        )
+        parts = []
+        for key, examples in (("new_auc", "new-id"), ("cold_auc", "cold-id"), ("auc", "all")):
+            diff, se = _difference(runs[PRODUCT], runs[other], key)
+            if se > 0:
+                call = "beats" if diff > 2 * se else "loses to" if diff < -2 * se else "ties with"
+            else:
+                call = "beats" if diff > 0 else "loses to"
+            parts.append(f"on {examples} examples it {call} it ({diff:+.4f} AUC, standard error {se:.4f})")
+        lines.append(f"- `{PRODUCT}` against `{other}`: " + "; ".join(parts) + ".")
     if OOV_BASELINE not in runs:
         lines.append(f"- `{OOV_BASELINE}` with an OOV row was not streamed, so the paper's claim is not tested here.")
     return lines
 
 
-def stream_lines(sections: Sequence[StreamSection], out: Path) -> list[str]:
+def stream_lines(sections: Sequence[StreamSection], out: Path, notes: Mapping[str, str] | None = None) -> list[str]:
+    """The streaming section; `notes["stream <dataset>"]`, if any, goes under the dataset's first budget."""
     if not sections:
         return []
     lines = [
@@ -157,7 +155,12 @@ def stream_lines(sections: Sequence[StreamSection], out: Path) -> list[str]:
         ),
         "",
     ]
+    noted: set[str] = set()
     for section in sections:
+        note = (notes or {}).get(f"stream {section.dataset}")
+        if note and section.dataset not in noted:
+            noted.add(section.dataset)
+            lines += [f"### Notes on {section.dataset}", "", note, ""]
         title = f"{section.dataset}, budget {section.budget}"
         setting = ", ".join(f"{k}={v}" for k, v in section.setting.items() if v is not None)
         lines += [f"### {title}", "", f"Setting: {setting}.", ""]

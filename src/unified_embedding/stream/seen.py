@@ -2,9 +2,12 @@
 
 "New-id AUC" scores the examples a model has had no chance to learn. An exact set of every
 id ever seen grows with the stream; a Bloom filter of fixed size answers "seen before?" with
-no false negatives and a false-positive rate of about (1 - e^(-k n / m))^k for n distinct
-keys in m bits (k = 3, m = 2^27 bits = 16 MiB: under 1e-4 up to 10 M distinct keys), so a
-new id is missed that rarely and memory stays flat however long the stream.
+no false negatives and a small false-positive rate, so memory stays flat however long the
+stream. It is *blocked* (Putze et al., 2007): a key's 3 bits lie in one 64-bit word, so a
+lookup reads one word and an insert writes one, in plain vectorised numpy. Measured at 2^27
+bits (16 MiB), the false-positive rate (a new id taken for a seen one) is 1.1e-4 with 1 M
+distinct keys added, 2.6e-3 with 5 M and 5.5e-2 with 20 M; a longer stream with more distinct
+ids wants a larger filter (`StreamConfig.seen_bits_log2`).
 """
 
 from __future__ import annotations
@@ -13,36 +16,44 @@ import numpy as np
 import torch
 
 from unified_embedding.batch import Batch
-from unified_embedding.hashing import mix64, salt, salted_keys
+from unified_embedding.hashing import mix64_numpy, salt, salted_keys
 
 #: 2^27 bits: 16 MiB
 DEFAULT_BITS_LOG2 = 27
-#: hash functions per key
+#: bits set per key, all in one 64-bit word
 PROBES = 3
 
 
 class SeenIds:
-    """A Bloom filter over salted (feature, id) keys."""
+    """A blocked Bloom filter over salted (feature, id) keys."""
 
     def __init__(self, bits_log2: int = DEFAULT_BITS_LOG2) -> None:
         if not 6 <= bits_log2 <= 36:
             raise ValueError(f"bits_log2 must be in [6, 36], got {bits_log2}")
         self.bits_log2 = bits_log2
-        self.bits = np.zeros(1 << (bits_log2 - 3), dtype=np.uint8)
+        self.words = np.zeros(1 << (bits_log2 - 6), dtype=np.uint64)
 
-    def _positions(self, keys: torch.Tensor) -> np.ndarray:
-        """[PROBES, n] bit positions of each key."""
-        mask = (1 << self.bits_log2) - 1
-        return np.stack([(mix64(keys + probe) & mask).numpy() for probe in range(1, PROBES + 1)])
+    def _word_and_mask(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Each key's word, and the mask of its PROBES bits in it (bit numbers from the hash's top bits)."""
+        hashed = mix64_numpy(keys.numpy().view(np.uint64))
+        word = (hashed & np.uint64(len(self.words) - 1)).astype(np.int64)
+        mask = np.zeros_like(hashed)
+        for probe in range(PROBES):
+            mask |= np.uint64(1) << ((hashed >> np.uint64(46 + 6 * probe)) & np.uint64(63))
+        return word, mask
 
     def contains(self, keys: torch.Tensor) -> np.ndarray:
-        positions = self._positions(keys)
-        hit = (self.bits[positions >> 3] >> (positions & 7).astype(np.uint8)) & 1
-        return hit.all(axis=0)
+        word, mask = self._word_and_mask(keys)
+        return (self.words[word] & mask) == mask
 
     def add(self, keys: torch.Tensor) -> None:
-        positions = self._positions(keys).ravel()
-        np.bitwise_or.at(self.bits, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
+        word, mask = self._word_and_mask(keys)
+        # A fancy-indexed |= keeps one write per repeated word; repeat for the keys whose bits a
+        # sibling's write dropped (each round settles at least one key per word).
+        while len(word):
+            self.words[word] |= mask
+            missing = (self.words[word] & mask) != mask
+            word, mask = word[missing], mask[missing]
 
     def new_examples(self, batch: Batch) -> np.ndarray:
         """[B] bool: the example has at least one (feature, id) not added before."""
@@ -52,15 +63,15 @@ class SeenIds:
 
     def copy(self) -> SeenIds:
         twin = SeenIds(self.bits_log2)
-        twin.bits[:] = self.bits
+        twin.words[:] = self.words
         return twin
 
     def state_dict(self) -> dict:
-        return {"bits_log2": self.bits_log2, "bits": self.bits.copy()}
+        return {"bits_log2": self.bits_log2, "words": self.words.copy()}
 
     def load_state_dict(self, state: dict) -> None:
         self.bits_log2 = int(state["bits_log2"])
-        self.bits = np.asarray(state["bits"], dtype=np.uint8).copy()
+        self.words = np.asarray(state["words"], dtype=np.uint64).copy()
 
 
 def batch_keys(batch: Batch) -> torch.Tensor:
