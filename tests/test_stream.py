@@ -162,7 +162,7 @@ def test_growing_full_streams_and_reports_its_memory(data_dir):
 
 def test_sigkill_mid_stream_then_resume_gives_the_uninterrupted_metrics(data_dir, tmp_path):
     flags = ["stream", "--dataset", "movielens-100k", "--data-dir", str(data_dir), "--method", "unified",
-             "--budget", "0.25x", "--max-rows", "16000", "--window", "1000", "--batch-size", "256", "--quiet",
+             "--budget", "0.25x", "--max-rows", "24000", "--window", "1000", "--batch-size", "256", "--quiet",
              "--model-option", "hidden=[32]", "--model-option", "num_cross_layers=1"]  # fmt: skip
     reference = tmp_path / "reference.json"
     assert main([*flags, "--output", str(reference)]) == 0
@@ -175,7 +175,7 @@ def test_sigkill_mid_stream_then_resume_gives_the_uninterrupted_metrics(data_dir
         if ckpt.exists() and torch.load(ckpt, weights_only=False)["windows"]:
             break
         time.sleep(0.05)
-    assert process.poll() is None, process.stderr.read().decode()
+    assert process.poll() is None, f"the stream ended before it could be killed: {process.stderr.read().decode()}"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not output.exists()

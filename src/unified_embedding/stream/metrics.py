@@ -9,6 +9,7 @@ scores differ by under 1.5e-5 count as half-ordered), and takes 1 MiB whatever t
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 #: histogram bins over [0, 1]; AUC error is at most the share of positive-negative pairs within one bin
@@ -53,9 +54,9 @@ class StreamingMetrics:
         return {"auc": auc, "logloss": logloss, "examples": self.examples}
 
     def state_dict(self) -> dict:
-        return {"counts": self.counts.copy(), "loss_sum": self.loss_sum, "examples": self.examples}
+        return {"counts": torch.from_numpy(self.counts), "loss_sum": self.loss_sum, "examples": self.examples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.counts = np.asarray(state["counts"], dtype=np.int64).copy()
+        self.counts = state["counts"].numpy().copy()
         self.loss_sum = float(state["loss_sum"])
         self.examples = int(state["examples"])
