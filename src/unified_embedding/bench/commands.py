@@ -86,7 +86,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--epochs", type=int, default=TrainConfig.epochs, help="at most this many; early stopping on val AUC"
     )
     p.add_argument("--patience", type=int, default=TrainConfig.patience)
-    p.add_argument("--batch-size", type=int, help=f"default {TrainConfig.batch_size}, or {DEFAULT_STREAM_BATCH_SIZE} with --protocol stream")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"default {TrainConfig.batch_size}, or {DEFAULT_STREAM_BATCH_SIZE} with --protocol stream",
+    )
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-2 for adagrad)")
     p.add_argument("--optimizer", choices=["adam", "adagrad"], default="adam")
     p.add_argument("--split", choices=["random", "time"], default="random")

@@ -117,6 +117,8 @@ class AutoDimEmbedding(FullEmbedding):
     """Per-field choice among candidate widths by softmax architecture weights, then retrain at the choice."""
 
     name = "autodim"
+    #: its search or pruning decides which float32 weights are stored; codes would need their own
+    quantisable = False
     description = "AutoDim: softmax architecture weights choose each field's width among candidates; retrain in budget"
     paper = "Zhao et al., AutoDim: Field-aware Embedding Dimension Search in Recommender Systems, WWW 2021"
     stages = ("search", "retrain")
@@ -139,8 +141,6 @@ class AutoDimEmbedding(FullEmbedding):
             raise ValueError(f"autodim's temperature must be positive, got {temperature}")
         if table_options.get("sparse"):
             raise ValueError("autodim's projections and architecture weights have dense gradients; use sparse=False")
-        if table_options.get("storage", "fp32") != "fp32":
-            raise ValueError("autodim stores float32 tables; quantised storage is not supported")
         if any(f.dim for f in features.sparse):
             raise ValueError(f"autodim projects every feature to one width ({dim}); remove per-feature dims")
         super().__init__(features, vocabularies, dim=sum(candidates), **table_options)

@@ -106,6 +106,8 @@ class AutoSrhEmbedding(FullEmbedding):
     """`full` with soft selection of dimension groups per frequency bucket; pruned to the budget, retrained."""
 
     name = "autosrh"
+    #: its search or pruning decides which float32 weights are stored; codes would need their own
+    quantisable = False
     description = "AutoSrh: soft selection of dimension groups per frequency bucket, pruned to the budget, retrained"
     paper = "Kong et al., AutoSrh: An Embedding Dimensionality Search Framework for Tabular Data Prediction, TKDE 2022"
     stages = ("search", "retrain")
@@ -127,8 +129,6 @@ class AutoSrhEmbedding(FullEmbedding):
     ) -> None:
         if table_options.get("sparse"):
             raise ValueError("autosrh trains its selection weights with dense gradients; use sparse=False")
-        if table_options.get("storage", "fp32") != "fp32":
-            raise ValueError("autosrh stores float32 rows; quantised storage is not supported")
         if any(f.dim for f in features.sparse):
             raise ValueError(f"autosrh selects dimensions of one table of width {dim}; remove per-feature dims")
         if buckets < 1 or group_size < 1 or dim % group_size:

@@ -90,6 +90,8 @@ class OptEmbedding(FullEmbedding):
     """`full` with learned per-field row-pruning thresholds and searched per-field widths."""
 
     name = "optembed"
+    #: its search or pruning decides which float32 weights are stored; codes would need their own
+    quantisable = False
     description = (
         "OptEmbed: learned row-pruning thresholds, per-field widths by evolutionary search, then retrain in budget"
     )
@@ -113,8 +115,6 @@ class OptEmbedding(FullEmbedding):
     ) -> None:
         if table_options.get("sparse"):
             raise ValueError("optembed trains its thresholds with dense gradients; use sparse=False")
-        if table_options.get("storage", "fp32") != "fp32":
-            raise ValueError("optembed stores pruned float32 rows; quantised storage is not supported")
         if any(f.dim not in (None, dim) for f in features.sparse):
             raise ValueError(f"optembed searches widths within one table of width {dim}; remove per-feature dims")
         if not (population >= 2 and generations >= 1 and 1 <= parents <= population and 0 <= mutation <= 1):

@@ -107,6 +107,8 @@ class PEPEmbedding(FullEmbedding):
     """`full`'s table read through learned soft thresholds and a hard cap of `keep` non-zero weights."""
 
     name = "pep"
+    #: its search or pruning decides which float32 weights are stored; codes would need their own
+    quantisable = False
     description = (
         "learnable embedding pruning: full table with learned soft thresholds, capped at the budget's non-zeros"
     )
@@ -129,8 +131,6 @@ class PEPEmbedding(FullEmbedding):
     ) -> None:
         if table_options.get("sparse"):
             raise ValueError("pep trains its thresholds with dense gradients; use sparse=False")
-        if table_options.get("storage", "fp32") != "fp32":
-            raise ValueError("pep stores pruned float32 weights; quantised storage is not supported")
         if any(f.dim not in (None, dim) for f in features.sparse):
             raise ValueError(f"pep prunes one table of width {dim}; remove per-feature dims")
         if granularity not in ("feature", "feature_dimension"):

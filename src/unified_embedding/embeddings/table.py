@@ -131,6 +131,8 @@ class SlotTableEmbedding(EmbeddingMethod):
 
     #: True when a subclass's `read_rows` changes the rows it reads (so the forward must call it)
     transforms_rows: ClassVar[bool] = False
+    #: False when a subclass stores only float32 rows (it prunes or searches which to keep)
+    quantisable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -151,6 +153,8 @@ class SlotTableEmbedding(EmbeddingMethod):
     ) -> None:
         super().__init__(features)
         self.storage = check_storage(storage)
+        if storage != "fp32" and not self.quantisable:
+            raise ValueError(f"{self.name} stores float32 rows; quantised storage is not supported")
         names = features.sparse_names
         slot_features = [s.feature for s in slots]
         if slot_features != sorted(slot_features, key=names.index) or set(slot_features) != set(names):
