@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import unified_embedding
+from unified_embedding.batch import Batch
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
 from unified_embedding.data import (
     BatchLoader,
@@ -224,6 +225,22 @@ class Optimizers:
             optimizer.load_state_dict(state)
 
 
+def train_step(network: CTRNetwork, optimizers: Optimizers, batch: Batch, where: str) -> torch.Tensor:
+    """One optimizer step on `batch` (log loss plus the method's own term); `where` names the
+    step in the error a diverging loss raises."""
+    loss = nn.functional.binary_cross_entropy_with_logits(network(batch), batch.labels)
+    extra = network.embedding.extra_loss()
+    if extra is not None:
+        loss = loss + extra
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()} {where}; lower --lr")
+    optimizers.zero_grad()
+    loss.backward()
+    optimizers.step()
+    network.embedding.after_step()
+    return loss
+
+
 @torch.no_grad()
 def predict(network: nn.Module, loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:
     """Click probabilities and labels over a loader, in its order."""
@@ -297,7 +314,6 @@ class Trainer:
     ) -> None:  # fmt: skip
         """Epochs of the current stage until early stopping (or `epochs`), checkpointing each."""
         config, stage = self.config, state["stages"][-1]
-        loss_fn = nn.BCEWithLogitsLoss()
         while state["epoch"] < config.epochs and not state["stopped"]:
             epoch = state["epoch"]
             started = time.perf_counter()
@@ -312,16 +328,7 @@ class Trainer:
                 unit="batch",
             )
             for batch in bar:
-                loss = loss_fn(network(batch), batch.labels)
-                extra = network.embedding.extra_loss()
-                if extra is not None:
-                    loss = loss + extra
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-                optimizers.zero_grad()
-                loss.backward()
-                optimizers.step()
-                network.embedding.after_step()
+                loss = train_step(network, optimizers, batch, f"at epoch {epoch + 1}")
                 state["batch"] += 1
                 state["examples"] += batch.batch_size
                 if state["batch"] % 20 == 0 or state["batch"] == len(train_loader):

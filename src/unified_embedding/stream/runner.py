@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import unified_embedding
@@ -39,7 +38,7 @@ from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.network import CTRNetwork
 from unified_embedding.stream.metrics import StreamingMetrics, window_metrics
 from unified_embedding.stream.seen import DEFAULT_BITS_LOG2, SeenIds, batch_keys
-from unified_embedding.train import Optimizers, Prepared, TrainConfig, build_network
+from unified_embedding.train import Optimizers, Prepared, TrainConfig, build_network, train_step
 
 #: rows predicted at once (prediction needs no gradient, so larger batches are cheaper)
 PREDICT_BATCH = 8192
@@ -209,20 +208,10 @@ class StreamRunner:
                 times = window.data.time[window.rows]
                 record.update(first_time=int(times.min()), last_time=int(times.max()))
         loader = BatchLoader(window.data, window.rows, self.config.train.batch_size)
-        loss_fn = nn.BCEWithLogitsLoss()
         for batch in loader.batches(prefetch=2):
             if not window.scored:
                 state["seen"].add(batch_keys(batch))
-            loss = loss_fn(network(batch), batch.labels)
-            extra = network.embedding.extra_loss()
-            if extra is not None:
-                loss = loss + extra
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} in window {state['window']}; lower --lr")
-            optimizers.zero_grad()
-            loss.backward()
-            optimizers.step()
-            network.embedding.after_step()
+            train_step(network, optimizers, batch, f"in window {state['window']}")
         return record
 
     @torch.no_grad()
