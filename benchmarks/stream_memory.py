@@ -7,7 +7,7 @@ drawn from a continuous power law (rank = floor(u^(-1/0.05)), Zipf-like with exp
 and so fast enough to make 1.3 G ids; numpy's exact `zipf` takes ~0.7 us per id here), so
 new ids keep arriving for the whole stream. Each window is generated when the loop asks for
 it, from a generator seeded by the window's number, so the stream exists nowhere at once.
-What stays bounded by design: the unified table (fixed size), the seen-id Bloom filters,
+What stays bounded by design: the unified table (fixed size), the seen-id Bloom filters (2^30 bits, 128 MiB, each here),
 the score histograms; what grows is one small record per window.
 
     python benchmarks/stream_memory.py [--examples 50000000] [--window 100000] [--threads 2]
