@@ -138,4 +138,4 @@ def test_quantised_empty_bags_stay_zero():
     ue = UnifiedEmbedding(FEATURES, num_rows=10, storage="int8")
     out = ue(Batch.from_ids({"user": [[1]], "item": [[2]], "genres": [[]], "gender": [[11]]}))
     assert torch.equal(out[0, ue.feature_slices()["genres"]], torch.zeros(16))
-    assert bool((out[0, ue.feature_slices()["user"]] != 0).all())
+    assert bool((out[0, ue.feature_slices()["user"]] != 0).any())  # (a small weight may round to code 0)

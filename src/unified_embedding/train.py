@@ -135,10 +135,14 @@ class Prepared:
     budget: int
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def load_data(config: TrainConfig) -> CTRData:
+    """The run's dataset (its first `max_rows` rows when set)."""
     data = load_dataset(config.dataset, config.data_dir, on_bad_rows=config.on_bad_rows)
-    if config.max_rows is not None:
-        data = data.head(config.max_rows)
+    return data if config.max_rows is None else data.head(config.max_rows)
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    data = load_data(config)
     split = split_indices(data, method=config.split, seed=config.split_seed)
     vocab = vocabularies(data, split.train)
     features = data.features.with_cardinalities({name: len(ids) for name, ids in vocab.items()})
@@ -196,6 +200,12 @@ class Optimizers:
             self.optimizers = [torch.optim.Adam(groups, lr=lr)]
             if sparse:
                 self.optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+
+    @classmethod
+    def for_config(cls, network: CTRNetwork, config: TrainConfig) -> Optimizers:
+        """The optimizers a run's configuration asks for."""
+        return cls(network, config.optimizer, config.lr, fused=config.fused,
+                   embedding_weight_decay=config.embedding_weight_decay)  # fmt: skip
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
@@ -279,7 +289,7 @@ class Trainer:
         prepared = prepare(config)
         network = build_network(config, prepared)
         stages = network.embedding.stages
-        optimizers = self._optimizers(network)
+        optimizers = Optimizers.for_config(network, self.config)
         train_loader = BatchLoader(
             prepared.data, prepared.split.train, config.batch_size, shuffle=True, seed=config.seed
         )
@@ -297,16 +307,6 @@ class Trainer:
         if self.output:
             write_text_atomic(json.dumps(result, indent=2) + "\n", self.output)
         return result
-
-    def _optimizers(self, network: CTRNetwork) -> Optimizers:
-        config = self.config
-        return Optimizers(
-            network,
-            config.optimizer,
-            config.lr,
-            fused=config.fused,
-            embedding_weight_decay=config.embedding_weight_decay,
-        )
 
     def _train_stage(
         self, network: CTRNetwork, optimizers: Optimizers, train_loader: BatchLoader, valid_loader: BatchLoader,
@@ -376,7 +376,7 @@ class Trainer:
         state["stages"].append(record)
         state.update(stage=state["stage"] + 1, epoch=0, batch=0, stopped=False, best_auc=-math.inf, best_epoch=0)
         state["bad_epochs"] = 0
-        optimizers = self._optimizers(network)
+        optimizers = Optimizers.for_config(network, self.config)
         self._checkpoint(network, optimizers, state, 0.0)
         return optimizers
 

@@ -31,6 +31,7 @@ from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.decomposition import plot_decomposition
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.stream_report import stream_lines, stream_sections
+from unified_embedding.bench.summary import format_stats, mean_std_se, method_label
 
 PRODUCT = "unified"
 BASELINE = "hashing"
@@ -57,11 +58,7 @@ class Cell:
 
     @staticmethod
     def _stats(values: np.ndarray) -> tuple[float, float, float]:
-        mean = float(values.mean())
-        if len(values) < 2:
-            return mean, math.nan, math.nan
-        std = float(values.std(ddof=1))
-        return mean, std, std / math.sqrt(len(values))
+        return mean_std_se(values)
 
     @property
     def auc_stats(self) -> tuple[float, float, float]:
@@ -202,10 +199,7 @@ def _first_line(text: str) -> str:
 
 # ------------------------------------------------------------------------------ grouping
 def _label(run: Mapping[str, Any]) -> str:
-    options = run["config"].get("method_options") or {}
-    if not options:
-        return run["method"]
-    return run["method"] + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+    return method_label(run["method"], run["config"].get("method_options"))
 
 
 def _setting(run: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,13 +300,6 @@ def plot_section(section: Section, path: str | Path) -> Path:
 
 
 # -------------------------------------------------------------------------------- report
-def _pm(stats: tuple[float, float, float]) -> str:
-    mean, std, se = stats
-    if math.isnan(std):
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {std:.4f} ({se:.4f})"
-
-
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
@@ -553,8 +540,8 @@ def _section_lines(section: Section, out: Path, note: str | None) -> list[str]:
         front = {id(c) for c in frontier(cells)}
         for c in cells:
             lines.append(
-                f"| {budget} | {c.method} | {c.params:,.0f} | {c.bytes:,.0f} | {c.n} | {_pm(c.auc_stats)} | "
-                f"{_pm(c.logloss_stats)} | {c.seconds:,.1f} | {'★' if id(c) in front else ''} |"
+                f"| {budget} | {c.method} | {c.params:,.0f} | {c.bytes:,.0f} | {c.n} | {format_stats(c.auc_stats)} | "
+                f"{format_stats(c.logloss_stats)} | {c.seconds:,.1f} | {'★' if id(c) in front else ''} |"
             )
     lines.append("")
     if section.refused:

@@ -21,33 +21,15 @@ import numpy as np
 
 from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.store import ResultStore
+from unified_embedding.bench.summary import format_stats, mean_std_se, method_label
 
 PRODUCT = "unified"
 #: the vocabulary baseline the claim is about: `full` as built, unseen ids on one OOV row
 OOV_BASELINE = "full"
 
 
-def stats(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean, standard deviation (n-1) and standard error; NaN spread for one seed."""
-    array = np.asarray([v for v in values if v is not None], dtype=float)
-    if len(array) == 0:
-        return math.nan, math.nan, math.nan
-    if len(array) < 2:
-        return float(array.mean()), math.nan, math.nan
-    std = float(array.std(ddof=1))
-    return float(array.mean()), std, std / math.sqrt(len(array))
-
-
-def pm(values: Sequence[float]) -> str:
-    mean, std, se = stats(values)
-    return "n/a" if math.isnan(mean) else f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f} ({se:.4f})"
-
-
-def label(config: Mapping[str, Any]) -> str:
-    """The method with its options: `full[unseen=grow]` is a variant of its own."""
-    options = config.get("method_options") or {}
-    suffix = "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]" if options else ""
-    return config["method"] + suffix
+def pm(values: Sequence[float | None]) -> str:
+    return format_stats(mean_std_se(values))
 
 
 @dataclass
@@ -68,7 +50,7 @@ def stream_sections(store: ResultStore, datasets: Sequence[str] | None = None) -
                    "batch_size": train["batch_size"], "max_rows": train.get("max_rows")}  # fmt: skip
         key = (run["dataset"], run["budget"])
         section = sections.setdefault(key, StreamSection(run["dataset"], run["budget"], setting))
-        section.runs[label(train)].append(run["result"])
+        section.runs[method_label(train["method"], train.get("method_options"))].append(run["result"])
     return [sections[key] for key in sorted(sections)]
 
 
@@ -112,8 +94,8 @@ def plot_windows(section: StreamSection, path: Path) -> Path:
 
 
 def _difference(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    ma, _, sa = stats([r[key] for r in a])
-    mb, _, sb = stats([r[key] for r in b])
+    ma, _, sa = mean_std_se([r[key] for r in a])
+    mb, _, sb = mean_std_se([r[key] for r in b])
     return ma - mb, math.sqrt((0 if math.isnan(sa) else sa**2) + (0 if math.isnan(sb) else sb**2))
 
 
@@ -172,7 +154,7 @@ def stream_lines(sections: Sequence[StreamSection], out: Path, notes: Mapping[st
             "| method | params at end | seeds | AUC | log loss | new-id AUC | new-id share | cold-id AUC | cold-id share |",
             "|---|---:|---:|---|---|---|---:|---|---:|",
         ]
-        for name in sorted(section.runs, key=lambda m: -stats([r["new_auc"] for r in section.runs[m]])[0]):
+        for name in sorted(section.runs, key=lambda m: -mean_std_se([r["new_auc"] for r in section.runs[m]])[0]):
             results = section.runs[name]
             new_share = np.mean([r["new_examples"] / r["examples"] for r in results])
             cold_share = np.mean([r["cold_examples"] / r["examples"] for r in results])

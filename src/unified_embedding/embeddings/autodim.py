@@ -215,9 +215,6 @@ class AutoDimEmbedding(FullEmbedding):
             field_cost(n, self.candidates[int(i)], self.dim) for n, i in zip(self.rows, self.choice, strict=True)
         )
 
-    def num_bytes(self) -> int:
-        return 4 * self.num_parameters()
-
     @classmethod
     def from_budget(
         cls,

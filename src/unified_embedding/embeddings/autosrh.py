@@ -207,9 +207,6 @@ class AutoSrhEmbedding(FullEmbedding):
         values = int((self.kept.sum(dim=1) * self.cell_rows).sum()) * self.group_size
         return values + overhead_words(cells, groups)
 
-    def num_bytes(self) -> int:
-        return 4 * self.num_parameters()
-
     @classmethod
     def from_budget(
         cls,

@@ -131,9 +131,6 @@ class DeepLightEmbedding(PerIdEmbedding):
         """32-bit words a deployment stores: non-zeros plus their positions (or a bitmap), as pep counts."""
         return stored_words(self.num_nonzero(), self.weight.numel())
 
-    def num_bytes(self) -> int:
-        return 4 * self.num_parameters()
-
     @classmethod
     def from_budget(
         cls,

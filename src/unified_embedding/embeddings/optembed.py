@@ -270,9 +270,6 @@ class OptEmbedding(FullEmbedding):
         values = int(self.widths[self.row_feature][self.kept].sum())
         return values + row_index_words(kept, self.kept.numel())
 
-    def num_bytes(self) -> int:
-        return 4 * self.num_parameters()
-
     @classmethod
     def from_budget(
         cls,

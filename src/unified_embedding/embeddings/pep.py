@@ -230,9 +230,6 @@ class PEPEmbedding(FullEmbedding):
         """32-bit words a deployment stores: non-zeros plus their positions (or a bitmap); see the module docstring."""
         return stored_words(self.num_nonzero(), self.weight.numel())
 
-    def num_bytes(self) -> int:
-        return 4 * self.num_parameters()
-
     @classmethod
     def from_budget(
         cls,

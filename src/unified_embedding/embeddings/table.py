@@ -314,8 +314,10 @@ class SlotTableEmbedding(EmbeddingMethod):
         return starts[self.slot_leader[slot_of]] + position
 
     def num_bytes(self) -> int:
-        """The table as stored (float32, or codes plus a scale per wide row), plus 4 bytes per other parameter."""
-        others = sum(p.numel() for p in self.parameters() if p is not self.weight)
+        """The table as stored (float32, or codes plus a scale per wide row), plus 4 bytes per other word
+        `num_parameters` counts (so a subclass that counts what it stores differently, pruned weights
+        or an id map, needs no override here)."""
+        others = self.num_parameters() - self.weight.numel()
         return table_bytes(self.weight.numel(), self.num_wide_rows, self.storage) + 4 * others
 
     def _mean_weights(self, bag_offsets: Tensor, batch_size: int) -> Tensor:

@@ -200,9 +200,6 @@ class ManagedCollisionEmbedding(SlotTableEmbedding):
     def num_parameters(self) -> int:
         return super().num_parameters() + self.map_words()
 
-    def num_bytes(self) -> int:
-        return super().num_bytes() + 4 * self.map_words()
-
     def map_keys(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """The map key of every (feature, example, value) in slot-major order, bag offsets, and each key's feature."""
         values, bag_offsets, feature_of = slot_values(batch, self.features.sparse_names, self.slot_feature)

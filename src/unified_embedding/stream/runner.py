@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 
 import unified_embedding
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
-from unified_embedding.data import BatchLoader, CTRData, Split, load_dataset, vocabularies
+from unified_embedding.data import BatchLoader, CTRData, Split, vocabularies
 from unified_embedding.embeddings import FullEmbedding
 from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.network import CTRNetwork
 from unified_embedding.stream.metrics import StreamingMetrics, window_metrics
 from unified_embedding.stream.seen import DEFAULT_BITS_LOG2, SeenIds, batch_keys
-from unified_embedding.train import Optimizers, Prepared, TrainConfig, build_network, train_step
+from unified_embedding.train import Optimizers, Prepared, TrainConfig, build_network, load_data, train_step
 
 #: rows predicted at once (prediction needs no gradient, so larger batches are cheaper)
 PREDICT_BATCH = 8192
@@ -124,10 +124,7 @@ def dataset_stream(config: StreamConfig, data: CTRData | None = None) -> Stream:
     for all the ids that will arrive would cost.
     """
     train = config.train
-    if data is None:
-        data = load_dataset(train.dataset, train.data_dir, on_bad_rows=train.on_bad_rows)
-        if train.max_rows is not None:
-            data = data.head(train.max_rows)
+    data = load_data(train) if data is None else data
     order = time_order(data)
     warm = math.floor(config.warmup * len(order))
     if warm < 1:
@@ -166,8 +163,7 @@ class StreamRunner:
         config = self.config
         stream = stream or dataset_stream(config)
         network = stream.network
-        optimizers = Optimizers(network, config.train.optimizer, config.train.lr,
-                                fused=config.train.fused, embedding_weight_decay=config.train.embedding_weight_decay)  # fmt: skip
+        optimizers = Optimizers.for_config(network, config.train)
         state = {"window": 0, "windows": [], "seconds": 0.0, "metrics": {g: StreamingMetrics() for g in GROUPS},
                  "seen": SeenIds(config.seen_bits_log2), "warm": None}  # fmt: skip
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
@@ -252,8 +248,7 @@ class StreamRunner:
             )
         network.load_state_dict(saved["model"])
         train = self.config.train
-        optimizers = Optimizers(network, train.optimizer, train.lr, fused=train.fused,
-                                embedding_weight_decay=train.embedding_weight_decay)  # fmt: skip
+        optimizers = Optimizers.for_config(network, train)
         optimizers.load_state_dict(saved["optimizers"])
         torch.set_rng_state(saved["rng"])
         state.update(window=saved["window"], windows=saved["windows"], seconds=saved["seconds"])
