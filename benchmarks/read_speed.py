@@ -1,10 +1,11 @@
 """Reader throughput: parsing the Criteo TSV into model-ready columns, against `pandas.read_csv`.
 
 The file is the bundled real Criteo Kaggle rows repeated to about `--mb` megabytes. Our reader
-(pyarrow's multi-threaded CSV parser, then dense log1p and categorical hashing to int64, with
-line-exact bad-row checks) produces what training consumes; pandas only parses into strings
-and floats, so the comparison flatters pandas. Each reader runs in a fresh process, so its
-peak RSS is its own; throughput is the best of `--reps` runs.
+(the C fast path on a thread per core, falling back to pyarrow for any block it declines;
+dense log1p and categorical hashing to int64 included) produces what training consumes;
+pandas only parses into strings and floats, so the comparison flatters pandas. Each reader
+runs in a fresh process, so its peak RSS is its own; throughput is the best of `--reps` runs,
+interleaved.
 
     python benchmarks/read_speed.py [--mb 500] [--reps 3]
 """

@@ -1,16 +1,24 @@
 """The streaming reader for delimited files: Criteo and Avazu, libFM (Frappe), users' own CSV/TSV.
 
 One `TableLayout` says what each column is; the file is read in blocks of `BLOCK_SIZE`
-bytes by pyarrow's streaming CSV reader with every cell as raw ``binary``, and each block
-is checked, hashed and yielded as a `Chunk` with vectorised pyarrow/numpy operations only.
-Memory stays at about one block whatever the file size (Criteo's full file is 11 GB).
+bytes, each yielded as a `Chunk` of checked, hashed rows. Memory stays at a few blocks
+whatever the file size (Criteo's full file is 11 GB).
+
+Two parsers share the work. Plain label/dense/categorical files go to the C parser of
+`unified_embedding.data.fastpath`, several blocks at once; it takes only input it is sure
+of. Every other block, and every other layout, goes to the careful parser: pyarrow's
+streaming CSV reader with every cell as raw ``binary``, checked with vectorised
+pyarrow/numpy operations, so that each bad row is named by file, line and column and
+``--on-bad-rows`` applies. Both give the same chunks for the same lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterator, Sequence
+import mmap
+import os
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +30,15 @@ from unified_embedding.data.badrows import BadRowPolicy, Problem, Rejected
 from unified_embedding.data.cells import parse_floats, show, split_lists
 from unified_embedding.data.chunk import Chunk
 from unified_embedding.data.errors import BadInputError
+from unified_embedding.data.fastpath import ColumnPlan, parse_blocks
 from unified_embedding.data.layout import TableLayout
 from unified_embedding.data.lines import LineTracker
 from unified_embedding.data.timefmt import Times, parse_time
 from unified_embedding.hashing import hash_bytes
 
-# Bytes per parsed block. pyarrow's streaming reader keeps about 32 blocks read ahead, so this
-# sets peak memory (~150 MB at 4 MiB); larger blocks measured no faster on Criteo.
+# Bytes per parsed block, for both parsers. pyarrow's streaming reader keeps about 32 blocks
+# read ahead, so this sets peak memory (~150 MB at 4 MiB); larger blocks measured no faster
+# on Criteo. The C parser keeps two blocks per thread in flight.
 BLOCK_SIZE = 4 << 20
 
 
@@ -54,15 +64,53 @@ class DelimitedReader:
 
     def _read_file(self, path: Path, bad_rows: BadRowPolicy) -> Iterator[Chunk]:
         names = self._column_names(path)
-        tracker = LineTracker(first_line=2 if self.layout.header else 1)
-        for batch in self._batches(path, names, tracker):
+        first_line = 2 if self.layout.header else 1
+        plan = ColumnPlan.for_file(self.layout, names)
+        if plan is None:
+            lines = yield from self._careful_chunks(path, path, names, first_line, bad_rows)
+        else:
+            lines = yield from self._fast_chunks(path, names, plan, first_line, bad_rows)
+        if lines == 0:
+            raise BadInputError(path, None, None, "no data rows")
+
+    def _fast_chunks(
+        self, path: Path, names: list[str], plan: ColumnPlan, first_line: int, bad_rows: BadRowPolicy
+    ) -> Generator[Chunk, None, int]:
+        """Chunks of the C parser; a block it declines is read the careful way. Returns the lines read."""
+        with path.open("rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                raise BadInputError(path, None, None, "no data rows: the file is empty")
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                start = 0
+                if self.layout.header:  # already read by _column_names
+                    newline = data.find(b"\n")
+                    start = len(data) if newline < 0 else newline + 1
+                line = first_line
+                for low, high, chunk in parse_blocks(data, start, plan, BLOCK_SIZE):
+                    if chunk is None:
+                        block = pa.BufferReader(data[low:high])
+                        line += yield from self._careful_chunks(path, block, names, line, bad_rows)
+                    else:
+                        line += chunk.num_rows
+                        if chunk.num_rows:
+                            yield chunk
+        return line - first_line
+
+    def _careful_chunks(
+        self, path: Path, source: Path | pa.BufferReader, names: list[str], first_line: int, bad_rows: BadRowPolicy
+    ) -> Generator[Chunk, None, int]:
+        """Chunks of pyarrow's parser, every check worded; `source` is the file or one block of its lines.
+
+        Returns the lines read.
+        """
+        tracker = LineTracker(first_line, pyarrow_line_one=1 if source is path else first_line)
+        for batch in self._batches(path, source, names, tracker):
             lines, rejected = tracker.next_rows(batch.num_rows)
             chunk = self._convert(batch, path, lines, rejected, bad_rows)
             if chunk.num_rows:
                 yield chunk
         bad_rows.screen(path, np.zeros(0, dtype=np.int64), [], tracker.rest())
-        if tracker.lines_seen == 0:
-            raise BadInputError(path, None, None, "no data rows")
+        return tracker.lines_seen
 
     def _parse_options(self, tracker: LineTracker | None = None) -> csv.ParseOptions:
         return csv.ParseOptions(
@@ -101,15 +149,18 @@ class DelimitedReader:
                 raise BadInputError(path, 1, name, "appears more than once in the header")
         return names
 
-    def _batches(self, path: Path, names: list[str], tracker: LineTracker) -> Iterator[pa.RecordBatch]:
+    def _batches(
+        self, path: Path, source: Path | pa.BufferReader, names: list[str], tracker: LineTracker
+    ) -> Iterator[pa.RecordBatch]:
         needed = list(self.layout.roles())
+        whole_file = source is path
         try:
             reader = csv.open_csv(
-                path,
+                source,
                 read_options=csv.ReadOptions(
                     use_threads=False,  # pyarrow numbers refused lines only when single-threaded
                     block_size=BLOCK_SIZE,
-                    column_names=None if self.layout.header else names,
+                    column_names=None if self.layout.header and whole_file else names,
                 ),
                 parse_options=self._parse_options(tracker),
                 convert_options=csv.ConvertOptions(

@@ -24,8 +24,14 @@ from unified_embedding.data.badrows import Rejected
 class LineTracker:
     """Pass `on_invalid_row` to pyarrow, then call `next_rows` for each batch in order."""
 
-    def __init__(self, first_line: int) -> None:
+    def __init__(self, first_line: int, pyarrow_line_one: int = 1) -> None:
+        """`first_line`: the line of the first row; `pyarrow_line_one`: the line pyarrow numbers 1.
+
+        They differ by the header when pyarrow reads a whole file; a block of a file's lines
+        starts at both.
+        """
         self._first_line = first_line
+        self._line_shift = pyarrow_line_one - 1
         self._rows = 0  # rows returned so far
         self._reported = 0  # refused lines handed back by next_rows / rest
         self._pending: list[Rejected] = []  # refused lines not yet handed back, ascending
@@ -35,7 +41,7 @@ class LineTracker:
         """pyarrow's invalid-row callback: remember the line, let pyarrow drop it."""
         reason = f"expected {row.expected_columns} columns, got {row.actual_columns}"
         with self._lock:
-            bisect.insort(self._pending, Rejected(row.number, reason), key=lambda r: r.line)
+            bisect.insort(self._pending, Rejected(row.number + self._line_shift, reason), key=lambda r: r.line)
         return "skip"
 
     def next_rows(self, count: int) -> tuple[np.ndarray, list[Rejected]]:
