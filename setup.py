@@ -1,7 +1,11 @@
-"""Builds the one C extension (the fast delimited-file parser); everything else is in pyproject.toml.
+"""Builds the two small C extensions; everything else is in pyproject.toml.
 
-`optional=True`: without a C compiler the install still succeeds, and the reader falls back to
-its pure-pyarrow path (slower, same results).
+- `unified_embedding.data._fastcsv`: the fast parser of plain delimited files (data/fastpath.py);
+- `unified_embedding._kernels`: the embedding layer's hashing and fused optimizer step, one pass each
+  (hashing.py, fused.py).
+
+`optional=True`: without a C compiler the install still succeeds, and each caller falls back to
+its pure pyarrow / torch path (slower, same results).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +17,13 @@ setup(
             sources=["src/unified_embedding/data/_fastcsv.c"],
             extra_compile_args=["-O3"],
             optional=True,
-        )
+        ),
+        Extension(
+            "unified_embedding._kernels",
+            sources=["src/unified_embedding/_kernels.c"],
+            # no fused multiply-adds (aarch64 contracts by default): each operation rounds as torch's do
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+            optional=True,
+        ),
     ]
 )

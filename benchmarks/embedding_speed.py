@@ -14,8 +14,8 @@ update:
   backward) on the same precomputed rows, when torchrec is installed;
 - the row-wise Adagrad pair (`unified_rowwise`, `torchrec_rowwise`), whose state is 1/64 the size.
 
-Repetitions are interleaved (one step of each system in turn), so drift and noise hit every
-system alike; the table reports the median and the interquartile range, and ratios to
+Repetitions are interleaved (one forward, then later one step, of each system in turn), so
+drift and noise hit every system alike; the table reports the median and the interquartile range, and ratios to
 `eb_shared` from this one run. Peak RSS is measured per system in a fresh subprocess. The
 memory-bandwidth floor is the bytes a step must move over this machine's measured copy
 bandwidth.
@@ -32,6 +32,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,9 +137,17 @@ def _bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def build_systems(names: list[str], rows: int, batch: Batch) -> tuple[dict[str, System], torch.Tensor]:
-    """Systems by name, and the rows `unified` reads (which the precomputed-index systems are given)."""
-    unified, precomputed = _unified(batch, rows, "adagrad")
+def build_systems(
+    names: list[str], rows: int, batch: Batch, precomputed: torch.Tensor | None = None
+) -> tuple[dict[str, System], torch.Tensor]:
+    """Systems by name, and the rows `unified` reads (which the precomputed-index systems are given).
+
+    With `precomputed` given and "unified" not asked for, no unified table is built: a peak
+    RSS measured around one system must not count another system's table.
+    """
+    unified = None
+    if precomputed is None or "unified" in names:
+        unified, precomputed = _unified(batch, rows, "adagrad")
     builders: dict[str, Callable[[], System]] = {
         "unified": lambda: unified,
         "unified_rowwise": lambda: _unified(batch, rows, "rowwise_adagrad")[0],
@@ -187,13 +196,16 @@ def floor_seconds(lookups: int, unique_rows: int, bandwidth: float, state_per_ro
 
 
 def time_interleaved(systems: dict[str, System], reps: int, warmup: int = 3) -> dict[str, dict[str, list[float]]]:
+    """Each phase on its own, systems interleaved within it. A forward timed right after another
+    system's training step pays for that step's cache and TLB churn: with both phases in one
+    loop, the same forward code measured 7.5 ms in one position and 5.3 ms in another."""
     times: dict[str, dict[str, list[float]]] = {name: {"forward": [], "train_step": []} for name in systems}
-    for rep in range(warmup + reps):
-        for name, system in systems.items():
-            for phase, run in (("forward", system.forward), ("train_step", system.train_step)):
+    for phase in ("forward", "train_step"):
+        for rep in range(warmup + reps):
+            for name, system in systems.items():
                 with torch.no_grad() if phase == "forward" else torch.enable_grad():
                     start = time.perf_counter()
-                    run()
+                    system.forward() if phase == "forward" else system.train_step()
                     elapsed = time.perf_counter() - start
                 if rep >= warmup:
                     times[name][phase].append(elapsed)
@@ -208,10 +220,14 @@ def high_water_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_rss(name: str, args: argparse.Namespace) -> int:
+def peak_rss(name: str, args: argparse.Namespace, precomputed: torch.Tensor) -> int:
     """Peak resident bytes of a fresh process that builds one system and trains it a few steps."""
-    command = [sys.executable, __file__, "--only", name, "--rows", str(args.rows), "--batch", str(args.batch)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as folder:
+        rows_file = Path(folder) / "rows.pt"
+        torch.save(precomputed, rows_file)
+        command = [sys.executable, __file__, "--only", name, "--precomputed", str(rows_file),
+                   "--rows", str(args.rows), "--batch", str(args.batch)]  # fmt: skip
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return int(output.strip().splitlines()[-1])
 
 
@@ -222,11 +238,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--systems", default=",".join(available_systems()))
     parser.add_argument("--only", help=argparse.SUPPRESS)  # subprocess mode for peak RSS
+    parser.add_argument("--precomputed", type=Path, help=argparse.SUPPRESS)  # the rows, from the parent
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     batch = criteo_batch(args.batch, np.random.default_rng(0))
     if args.only:
-        system = build_systems([args.only], args.rows, batch)[0][args.only]
+        system = build_systems([args.only], args.rows, batch, torch.load(args.precomputed))[0][args.only]
         for _ in range(5):
             system.train_step()
         print(high_water_rss())
@@ -238,7 +255,7 @@ def main() -> None:
     unique_rows = int(torch.unique(precomputed).numel())
     bandwidth = copy_bandwidth()
     times = time_interleaved(systems, args.reps)
-    rss = {name: peak_rss(name, args) for name in names}
+    rss = {name: peak_rss(name, args, precomputed) for name in names}
     results = {
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "copy_bandwidth_gb_s": bandwidth / 1e9},

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings import build_embedding
 from unified_embedding.features import FeatureKind, FeatureSet, FeatureSpec, Pooling
+from unified_embedding import fused
 from unified_embedding.fused import RowOptimizer, fused_embedding_bag, reduce_row_gradients
 
 REFERENCES = {
@@ -142,3 +143,55 @@ def test_methods_without_a_plain_table_refuse_the_fused_update(method: str, opti
     embedding = build_embedding(method, _features(), 400, **options)
     with pytest.raises(ValueError, match="fused update"):
         embedding.fuse_optimizer("adagrad", lr=0.1)
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCES))
+def test_the_c_step_matches_the_torch_optimizer_in_float32(kind: str, monkeypatch) -> None:
+    """The C kernel (float32 tables on a CPU), split across threads, against torch's own optimizer.
+
+    In float32 the two sum a row's gradients in different orders, so they differ by an ulp
+    or two of the table's values (the torch path of fused.py differs exactly as much): the
+    bound is 1e-6 of the table's largest value, not of each element, which may be near 0.
+    """
+    assert fused.KERNELS is not None, "the C kernels were not built at install (no C compiler?)"
+    monkeypatch.setattr(fused, "_ROWS_PER_THREAD", 8)  # split even these few rows across threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, 8, generator=generator)
+    fused_table, reference_table = start.clone().requires_grad_(), start.clone().requires_grad_()
+    reference = REFERENCES[kind](reference_table)
+    fused_optimizer = RowOptimizer(kind, fused_table, lr=reference.defaults["lr"])
+    for _ in range(6):
+        rows, offsets, weights = _lookups(generator, 1000)
+        weights, target = weights.float(), torch.randn(5, 8, generator=generator)
+        ((fused_embedding_bag(rows, offsets, fused_optimizer, weights) - target) ** 2).sum().backward()
+        reference.zero_grad()
+        pooled = F.embedding_bag(
+            rows, reference_table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True,
+            sparse=kind != "sgd",
+        )  # fmt: skip
+        ((pooled - target) ** 2).sum().backward()
+        reference.step()
+    moved = (start - reference_table).abs() > 0
+    assert moved.any() and torch.equal(moved, (start - fused_table).abs() > 0)
+    error = (fused_table - reference_table).abs().max() / reference_table.abs().max()
+    assert error.item() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_the_c_step_and_the_torch_step_agree(kind: str, monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(1)
+    tables = [torch.randn(500, 16, generator=generator)] * 2
+    tables = [t.clone().requires_grad_() for t in tables]
+    optimizers = [RowOptimizer(kind, t, lr=0.05, weight_decay=0.001) for t in tables]
+    monkeypatch.setattr(fused, "_ROWS_PER_THREAD", 16)
+    for _ in range(5):
+        rows = torch.randperm(500, generator=generator)[:200]
+        grads = torch.randn(200, 16, generator=generator)
+        optimizers[0].update(rows, grads.clone())
+        with monkeypatch.context() as patch:
+            patch.setattr(fused, "KERNELS", None)
+            optimizers[1].update(rows, grads.clone())
+    torch.testing.assert_close(tables[0], tables[1], rtol=1e-6, atol=1e-7)
+    for name in optimizers[0].state:
+        torch.testing.assert_close(optimizers[0].state[name], optimizers[1].state[name], rtol=1e-6, atol=1e-7)

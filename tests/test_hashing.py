@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from unified_embedding.hashing import hash_bytes, hash_to_rows, mix64, mix64_numpy, salt
+from unified_embedding import hashing
+from unified_embedding.hashing import hash_bytes, hash_to_rows, keys_to_rows, mix64, mix64_numpy, salt, salted_keys
 
 PINNED_ROWS = [849, 487, 425, 353, 539]
 PINNED_BYTES = [4490210150949542640, 7850561713998068440, -2152535657050944081, -8292774541577014721]
@@ -89,3 +90,39 @@ def test_a_cells_hash_does_not_depend_on_its_neighbours():
     alone = hash_bytes([b"68fd1e64"]).tolist() + hash_bytes([b""]).tolist()
     together = hash_bytes([b"68fd1e64", b"", b"a much longer neighbouring cell"]).tolist()[:2]
     assert alone == together
+
+
+def _both_ways(monkeypatch, function, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`function(*args)` with the C kernels and with the torch path alone."""
+    fast = function(*args)
+    with monkeypatch.context() as patch:
+        patch.setattr(hashing, "KERNELS", None)
+        return fast, function(*args)
+
+
+def test_c_kernels_give_the_torch_bits(monkeypatch):
+    assert hashing.KERNELS is not None, "the C kernels were not built at install (no C compiler?)"
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(-(2**63), 2**63 - 1, (26, 1000), generator=g)
+    values[0, :4] = torch.tensor([0, -1, 2**63 - 1, -(2**63)])
+    per_row = torch.randint(-(2**63), 2**63 - 1, (26, 1), generator=g)
+    salt_layouts = [per_row, per_row.expand(26, 1000).contiguous(), torch.tensor(salt("user", 3)), per_row[:1]]
+    for salts in salt_layouts:
+        fast, reference = _both_ways(monkeypatch, salted_keys, values, salts)
+        assert torch.equal(fast, reference), salts.shape
+    sizes = torch.randint(1, 2**40, (26, 1), generator=g)
+    sizes[:3, 0] = torch.tensor([1, 2**62, 2**63 - 1])
+    keys = salted_keys(values, per_row)
+    for size in [sizes, sizes.expand(26, 1000).contiguous(), 1000, 1, torch.tensor(7)]:
+        fast, reference = _both_ways(monkeypatch, keys_to_rows, keys, size)
+        assert torch.equal(fast, reference)
+        assert int(fast.min()) >= 0
+    # layouts the kernels do not take (a transposed view, a broadcast across columns) still agree
+    for args in [(values.t(), per_row.t()), (values[:, :1], per_row.t())]:
+        fast, reference = _both_ways(monkeypatch, salted_keys, *args)
+        assert torch.equal(fast, reference)
+
+
+def test_c_kernel_refuses_a_row_count_that_is_not_positive():
+    with pytest.raises(ValueError, match="row counts must be positive"):
+        keys_to_rows(torch.arange(10), torch.zeros(10, dtype=torch.int64))

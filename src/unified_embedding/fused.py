@@ -22,19 +22,29 @@ be given to a torch optimizer.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from unified_embedding.memory import zeros_on_huge_pages
 
+try:
+    from unified_embedding import _kernels as KERNELS
+except ImportError:  # built without a C compiler: the torch path does the same step
+    KERNELS = None
+
 RowOptimizerKind = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
 ROW_OPTIMIZERS: tuple[str, ...] = get_args(RowOptimizerKind)
 
 #: Same defaults as torch.optim.Adagrad / SparseAdam, so fused and reference runs agree.
 _DEFAULT_EPS = {"sgd": 0.0, "adagrad": 1e-10, "rowwise_adagrad": 1e-10, "adam": 1e-8}
+_KERNEL_KIND = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
+_ROWS_PER_THREAD = 4096  # fewer rows than this per thread cost more to hand out than they save
 
 
 class RowOptimizer:
@@ -86,10 +96,14 @@ class RowOptimizer:
     def update(self, rows: Tensor, grads: Tensor) -> None:
         """Apply one step to `table[rows]` given their summed gradients (consumed); `rows` must be unique.
 
-        Each table or state row is read-modified-written once (`index_add_` of the change), and
-        read again only where the rule needs the new state.
+        Each table or state row is read-modified-written once: by the C kernel, one pass over
+        each touched row on every thread, for float32 tables on a CPU; else by torch (one
+        `index_add_` of the change per tensor, and a re-read where the rule needs the new state).
         """
         self.steps += 1
+        if self._kernel_takes(grads):
+            self._kernel_update(rows, grads)
+            return
         if self.weight_decay:  # L2 on the rows this step reads, as torch's optimizers add it
             grads = grads.add(self.table.index_select(0, rows), alpha=self.weight_decay)
         # `grads` is this step's own buffer, so the change is computed in it, in place. (Not
@@ -100,8 +114,33 @@ class RowOptimizer:
         elif self.kind == "rowwise_adagrad":
             grads.div_(self._accumulate("sum", rows, (grads * grads).mean(1)).sqrt_().add_(self.eps)[:, None])
         elif self.kind == "adam":
-            step_size = self._adam(rows, grads)
+            self._adam(rows, grads)
+            step_size = self._adam_step_size()
         self.table.index_add_(0, rows, grads.mul_(-step_size))
+
+    def _kernel_takes(self, grads: Tensor) -> bool:
+        tensors = [self.table, grads, *self.state.values()]
+        return KERNELS is not None and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+        )
+
+    def _kernel_update(self, rows: Tensor, grads: Tensor) -> None:
+        beta1, beta2 = self.betas
+        state = [self.state[name].numpy() for name in ("sum", "exp_avg", "exp_avg_sq") if name in self.state]
+        nothing = np.zeros(0, dtype=np.float32)
+        first, second = (state + [nothing, nothing])[:2]
+        step_size = self._adam_step_size() if self.kind == "adam" else self.lr
+        args = (_KERNEL_KIND[self.kind], self.table.detach().numpy(), self.table.shape[1], rows.numpy(),
+                grads.numpy(), first, second, self.lr, self.eps, 1 - beta1, 1 - beta2, self.weight_decay, step_size)  # fmt: skip
+        count = rows.numel()
+        threads = max(1, min(torch.get_num_threads(), count // _ROWS_PER_THREAD))
+        if threads == 1:
+            KERNELS.row_update(*args, 0, count)
+            return
+        bounds = np.linspace(0, count, threads + 1).astype(int)
+        spans = [_update_pool().submit(KERNELS.row_update, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for span in spans:
+            span.result()
 
     def _accumulate(self, name: str, rows: Tensor, increment: Tensor) -> Tensor:
         """state[rows] += increment; returns the new state[rows]."""
@@ -109,8 +148,8 @@ class RowOptimizer:
         state.index_add_(0, rows, increment)
         return state.index_select(0, rows)
 
-    def _adam(self, rows: Tensor, grads: Tensor) -> float:
-        """Overwrites `grads` with m / (sqrt(v) + eps) of the updated moments; returns the step size."""
+    def _adam(self, rows: Tensor, grads: Tensor) -> None:
+        """Overwrites `grads` with m / (sqrt(v) + eps) of the updated moments."""
         beta1, beta2 = self.betas
         avg, avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
         # m += (1 - b1)(g - m), v += (1 - b2)(g^2 - v): SparseAdam's own form of the decay
@@ -118,6 +157,10 @@ class RowOptimizer:
         avg.index_add_(0, rows, grads.sub_(avg.index_select(0, rows)).mul_(1 - beta1))
         torch.index_select(avg, 0, rows, out=grads)
         grads.div_(avg_sq.index_select(0, rows).sqrt_().add_(self.eps))
+
+    def _adam_step_size(self) -> float:
+        """The learning rate with Adam's bias correction for the table's step count."""
+        beta1, beta2 = self.betas
         return self.lr * math.sqrt(1 - beta2**self.steps) / (1 - beta1**self.steps)
 
     def state_dict(self) -> dict[str, Any]:
@@ -131,6 +174,12 @@ class RowOptimizer:
         self.weight_decay = saved["weight_decay"]
         for name, tensor in saved["state"].items():
             self.state[name].copy_(tensor)
+
+
+@cache
+def _update_pool() -> ThreadPoolExecutor:
+    """Threads for the C step (it releases the GIL), made once per process."""
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="ue-update")
 
 
 def reduce_row_gradients(

@@ -24,6 +24,11 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
+try:
+    from unified_embedding import _kernels as KERNELS
+except ImportError:  # built without a C compiler: the torch path below does the same
+    KERNELS = None
+
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -70,6 +75,11 @@ def salt(feature: str, probe: int = 0) -> int:
 
 def salted_keys(values: Tensor, salts: Tensor) -> Tensor:
     """A per-(feature, probe) bijection of int64 value ids: distinct values never share a key."""
+    plan = _kernel_plan(values, salts)
+    if plan is not None:
+        keys = torch.empty_like(values)
+        KERNELS.salted_keys(values.numpy(), *plan, keys.numpy())
+        return keys
     return _mix64_(values ^ salts)
 
 
@@ -80,10 +90,39 @@ def keys_to_rows(keys: Tensor, num_rows: int | Tensor) -> Tensor:
     hands to vocabulary lookups too), and the top bit is dropped so the remainder is never
     negative.
     """
+    plan = _kernel_plan(keys, num_rows)
+    if plan is not None:
+        rows = torch.empty_like(keys)
+        KERNELS.keys_to_rows(keys.numpy(), *plan, rows.numpy())
+        return rows
     rows = _mix64_(keys + _signed(_GOLDEN))
     rows >>= 1
     rows &= (1 << 63) - 1
     return rows.remainder_(num_rows)
+
+
+def _kernel_plan(values: Tensor, setting: Tensor | int) -> tuple[np.ndarray, int] | None:
+    """`setting` as the C kernels take it (one entry per run of `repeat` values), or None for torch.
+
+    The kernels cover what the embedding layers do on a CPU: int64 values with one setting
+    per value, per row of a [slots, batch] matrix, or one for all. Anything else (other
+    broadcasts, other devices or dtypes) takes the torch path, which gives the same bits.
+    """
+    if KERNELS is None or values.device.type != "cpu" or values.dtype != torch.int64 or values.numel() == 0:
+        return None
+    if not values.is_contiguous():
+        return None
+    if isinstance(setting, int):
+        return np.array([setting], dtype=np.int64), values.numel()
+    if setting.device.type != "cpu" or setting.dtype != torch.int64:
+        return None
+    if setting.numel() == 1 and setting.dim() <= values.dim():
+        return setting.reshape(1).numpy(), values.numel()
+    if setting.shape == values.shape:
+        return setting.contiguous().numpy().reshape(-1), 1
+    if values.dim() == 2 and setting.shape == (values.shape[0], 1):
+        return setting.contiguous().numpy().reshape(-1), values.shape[1]
+    return None
 
 
 def hash_to_rows(values: Tensor, salts: Tensor, num_rows: int | Tensor) -> Tensor:

@@ -1,0 +1,213 @@
+/* The embedding layer's two hot loops that torch runs as many passes, each in one pass.
+ *
+ * 1. Hashing: `unified_embedding.hashing`'s `salted_keys` and `keys_to_rows`. In torch each
+ *    SplitMix64 round is several full passes over the ids (shift, mask, xor, multiply),
+ *    about twenty for a lookup's row; a batch of 106k lookups spent 2.9 ms there, more than
+ *    the gather of the rows. Settings (salts, row counts) come per element or per run of
+ *    `repeat` elements, as the layer lays them out: ids slot-major [slots, batch], settings
+ *    per slot. The torch functions give the same bits (tests).
+ * 2. The fused optimizer step of `unified_embedding.fused.RowOptimizer`: each touched table
+ *    row and its state row are read and written once, with the arithmetic in between, where
+ *    torch needs an index_add_, an index_select and elementwise passes per state tensor.
+ *    The torch path stays the fallback (and the float64 path); the tests hold both to the
+ *    torch optimizers.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+
+static const uint64_t M1 = 0xBF58476D1CE4E5B9ULL;
+static const uint64_t M2 = 0x94D049BB133111EBULL;
+static const uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL;
+
+static inline uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= M1;
+    x ^= x >> 27;
+    x *= M2;
+    x ^= x >> 31;
+    return x;
+}
+
+/* Checks that `setting` has one entry per `repeat` elements of `count`. */
+static int check_setting(const Py_buffer *setting, Py_ssize_t count, Py_ssize_t repeat, const char *what) {
+    Py_ssize_t entries = setting->len / (Py_ssize_t)sizeof(int64_t);
+    if (repeat < 1 || entries * repeat != count) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd entries do not cover %zd elements in runs of %zd", what, entries, count,
+                     repeat);
+        return 0;
+    }
+    return 1;
+}
+
+/* salted_keys(values, salts, repeat, out): out[i] = mix64(values[i] ^ salts[i / repeat]). */
+static PyObject *salted_keys(PyObject *self, PyObject *args) {
+    Py_buffer values, salts, out;
+    Py_ssize_t repeat;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &values, &salts, &repeat, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t count = values.len / (Py_ssize_t)sizeof(int64_t);
+    if (out.len != values.len) {
+        PyErr_SetString(PyExc_ValueError, "salted_keys: out must be as long as values");
+    } else if (check_setting(&salts, count, repeat, "salted_keys")) {
+        const uint64_t *v = values.buf, *s = salts.buf;
+        uint64_t *o = out.buf;
+        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t start = 0; start < count; start += repeat) {
+            const uint64_t salt = s[start / repeat];
+            for (Py_ssize_t i = start; i < start + repeat; i++) o[i] = mix64(v[i] ^ salt);
+        }
+        Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&salts);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* keys_to_rows(keys, sizes, repeat, out): out[i] = (mix64(keys[i] + GOLDEN) >> 1) % sizes[i / repeat].
+ * Sizes must be positive (ValueError otherwise). */
+static PyObject *keys_to_rows(PyObject *self, PyObject *args) {
+    Py_buffer keys, sizes, out;
+    Py_ssize_t repeat;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &keys, &sizes, &repeat, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t count = keys.len / (Py_ssize_t)sizeof(int64_t);
+    if (out.len != keys.len) {
+        PyErr_SetString(PyExc_ValueError, "keys_to_rows: out must be as long as keys");
+    } else if (check_setting(&sizes, count, repeat, "keys_to_rows")) {
+        const uint64_t *k = keys.buf;
+        const int64_t *n = sizes.buf;
+        int64_t *o = out.buf;
+        for (Py_ssize_t r = 0; r < sizes.len / (Py_ssize_t)sizeof(int64_t); r++) {
+            if (n[r] <= 0) {
+                PyErr_Format(PyExc_ValueError, "keys_to_rows: row counts must be positive, got %lld", (long long)n[r]);
+                goto done;
+            }
+        }
+        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t start = 0; start < count; start += repeat) {
+            const uint64_t size = (uint64_t)n[start / repeat];
+            for (Py_ssize_t i = start; i < start + repeat; i++) o[i] = (int64_t)((mix64(k[i] + GOLDEN) >> 1) % size);
+        }
+        Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&sizes);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+enum { SGD = 0, ADAGRAD = 1, ROWWISE_ADAGRAD = 2, ADAM = 3 };
+
+typedef struct {
+    float lr, eps, rate1, rate2, weight_decay, step_size; /* rate = 1 - beta, rounded once from double */
+} Hyper;
+
+/* One touched row: `g` is its summed gradient (overwritten), `t` its table row, `a` and `b`
+ * its state (Adagrad's sum, or Adam's moments; one word for row-wise Adagrad). The
+ * operations and their order are those of the torch path in fused.py. */
+static inline void update_row(int kind, float *t, float *a, float *b, float *g, Py_ssize_t dim, const Hyper *h) {
+    if (h->weight_decay != 0.0f)
+        for (Py_ssize_t j = 0; j < dim; j++) g[j] += h->weight_decay * t[j];
+    switch (kind) {
+    case SGD:
+        for (Py_ssize_t j = 0; j < dim; j++) t[j] += g[j] * -h->lr;
+        break;
+    case ADAGRAD:
+        for (Py_ssize_t j = 0; j < dim; j++) {
+            a[j] += g[j] * g[j];
+            t[j] += g[j] / (sqrtf(a[j]) + h->eps) * -h->lr;
+        }
+        break;
+    case ROWWISE_ADAGRAD: {
+        float squares = 0.0f;
+        for (Py_ssize_t j = 0; j < dim; j++) squares += g[j] * g[j];
+        a[0] += squares / (float)dim;
+        float denominator = sqrtf(a[0]) + h->eps;
+        for (Py_ssize_t j = 0; j < dim; j++) t[j] += g[j] / denominator * -h->lr;
+        break;
+    }
+    case ADAM:
+        for (Py_ssize_t j = 0; j < dim; j++) {
+            b[j] += (g[j] * g[j] - b[j]) * h->rate2;
+            a[j] += (g[j] - a[j]) * h->rate1;
+            t[j] += a[j] / (sqrtf(b[j]) + h->eps) * -h->step_size;
+        }
+        break;
+    }
+}
+
+/* Touched rows are random in tables of GBs: every row is a cache (and often TLB) miss, and
+ * one row's arithmetic is long enough that the CPU will not reach the next row's loads on
+ * its own. Asking for rows this far ahead keeps that many misses in flight. */
+#define PREFETCH_AHEAD 8
+
+static inline void prefetch_row(const float *row, Py_ssize_t width) {
+    for (Py_ssize_t j = 0; j < width; j += 16) __builtin_prefetch(row + j, 1, 0); /* 16 floats: a 64-byte line */
+}
+
+/* row_update(kind, table, dim, rows, grads, state_a, state_b, lr, eps, 1 - beta1, 1 - beta2, weight_decay,
+ *            step_size, begin, end): the step for unique rows[begin:end] (threads split the rows). */
+static PyObject *row_update(PyObject *self, PyObject *args) {
+    int kind;
+    Py_buffer table, rows, grads, state_a, state_b;
+    Py_ssize_t dim, begin, end;
+    Hyper h;
+    if (!PyArg_ParseTuple(args, "iw*ny*w*w*w*ffffffnn", &kind, &table, &dim, &rows, &grads, &state_a, &state_b, &h.lr,
+                          &h.eps, &h.rate1, &h.rate2, &h.weight_decay, &h.step_size, &begin, &end))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t table_rows = dim > 0 ? table.len / (Py_ssize_t)sizeof(float) / dim : 0;
+    Py_ssize_t count = rows.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t state_width = kind == ROWWISE_ADAGRAD ? 1 : dim;
+    int needs_a = kind != SGD, needs_b = kind == ADAM;
+    if (kind < SGD || kind > ADAM || dim <= 0 || grads.len != count * dim * (Py_ssize_t)sizeof(float) || begin < 0 ||
+        end > count || begin > end ||
+        (needs_a && state_a.len != table_rows * state_width * (Py_ssize_t)sizeof(float)) ||
+        (needs_b && state_b.len != table.len)) {
+        PyErr_SetString(PyExc_ValueError, "row_update: shapes of table, rows, gradients and state do not agree");
+        goto done;
+    }
+    const int64_t *r = rows.buf;
+    for (Py_ssize_t i = begin; i < end; i++) {
+        if (r[i] < 0 || r[i] >= table_rows) {
+            PyErr_Format(PyExc_IndexError, "row_update: row %lld outside the table's %zd rows", (long long)r[i],
+                         table_rows);
+            goto done;
+        }
+    }
+    float *t = table.buf, *g = grads.buf, *a = state_a.buf, *b = state_b.buf;
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = begin; i < end; i++) {
+        if (i + PREFETCH_AHEAD < end) { /* rows are scattered over GBs: start their reads early */
+            Py_ssize_t ahead = (Py_ssize_t)r[i + PREFETCH_AHEAD];
+            prefetch_row(t + ahead * dim, dim);
+            if (needs_a) prefetch_row(a + ahead * state_width, state_width);
+            if (needs_b) prefetch_row(b + ahead * dim, dim);
+        }
+        Py_ssize_t row = (Py_ssize_t)r[i];
+        update_row(kind, t + row * dim, needs_a ? a + row * state_width : NULL, needs_b ? b + row * dim : NULL,
+                   g + i * dim, dim, &h);
+    }
+    Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&grads);
+    PyBuffer_Release(&state_a);
+    PyBuffer_Release(&state_b);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"salted_keys", salted_keys, METH_VARARGS, "out[i] = mix64(values[i] ^ salts[i // repeat]), int64 buffers"},
+    {"keys_to_rows", keys_to_rows, METH_VARARGS,
+     "out[i] = (mix64(keys[i] + GOLDEN) >> 1) % sizes[i // repeat], int64 buffers"},
+    {"row_update", row_update, METH_VARARGS,
+     "the fused optimizer step (0 sgd, 1 adagrad, 2 rowwise_adagrad, 3 adam) for unique rows[begin:end]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
