@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA_DIR
+from test_data_bad_input import criteo_line
 
 from unified_embedding.data import BadInputError, delimited, fastpath
 from unified_embedding.data.badrows import BadRowPolicy
 from unified_embedding.data.config import table_layout
 from unified_embedding.data.delimited import DelimitedReader
 from unified_embedding.data.registry import DATASETS
-
-from conftest import DATA_DIR
-from test_data_bad_input import criteo_line
 
 CRITEO = DATASETS["criteo"].reader
 
@@ -52,12 +51,12 @@ def read(reader: DelimitedReader, path: Path, monkeypatch, *, fast: bool, on_bad
 
 def assert_same(fast: dict, careful: dict) -> None:
     assert fast.keys() == careful.keys()
-    for name in fast:
-        if fast[name] is None:
+    for name, column in fast.items():
+        if column is None:
             assert careful[name] is None
         else:
-            assert fast[name].dtype == careful[name].dtype, name
-            np.testing.assert_array_equal(fast[name], careful[name], err_msg=name)
+            assert column.dtype == careful[name].dtype, name
+            np.testing.assert_array_equal(column, careful[name], err_msg=name)
 
 
 def test_the_extension_is_built_and_takes_plain_layouts():

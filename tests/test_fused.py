@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from unified_embedding import fused
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings import build_embedding
 from unified_embedding.features import FeatureKind, FeatureSet, FeatureSpec, Pooling
-from unified_embedding import fused
 from unified_embedding.fused import RowOptimizer, fused_embedding_bag, reduce_row_gradients
 
 REFERENCES = {
@@ -195,3 +199,24 @@ def test_the_c_step_and_the_torch_step_agree(kind: str, monkeypatch) -> None:
     torch.testing.assert_close(tables[0], tables[1], rtol=1e-6, atol=1e-7)
     for name in optimizers[0].state:
         torch.testing.assert_close(optimizers[0].state[name], optimizers[1].state[name], rtol=1e-6, atol=1e-7)
+
+
+def test_the_c_step_still_runs_in_a_forked_child(monkeypatch) -> None:
+    """A child forked after a threaded step inherits the thread pool object but not its threads."""
+    monkeypatch.setattr(fused, "_ROWS_PER_THREAD", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    optimizer = RowOptimizer("adagrad", torch.randn(1000, 8), lr=0.1)
+    for _ in range(3):  # let the pool start both its threads
+        optimizer.update(torch.arange(0, 1000, 3), torch.randn(334, 8))
+    pid = os.fork()
+    if pid == 0:  # the child: one threaded step, then out without pytest's cleanup
+        optimizer.update(torch.arange(0, 1000, 3), torch.randn(334, 8))
+        os._exit(0)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's step never finished")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

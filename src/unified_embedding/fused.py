@@ -22,8 +22,9 @@ be given to a torch optimizer.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from itertools import pairwise
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -138,7 +139,7 @@ class RowOptimizer:
             KERNELS.row_update(*args, 0, count)
             return
         bounds = np.linspace(0, count, threads + 1).astype(int)
-        spans = [_update_pool().submit(KERNELS.row_update, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        spans = [_update_pool().submit(KERNELS.row_update, *args, lo, hi) for lo, hi in pairwise(bounds)]
         for span in spans:
             span.result()
 
@@ -176,10 +177,16 @@ class RowOptimizer:
             self.state[name].copy_(tensor)
 
 
-@cache
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
 def _update_pool() -> ThreadPoolExecutor:
-    """Threads for the C step (it releases the GIL), made once per process."""
-    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="ue-update")
+    """Threads for the C step (it releases the GIL), made once per process: a forked child
+    inherits the pool object but not its threads, so it gets its own."""
+    pid = os.getpid()
+    if pid not in _pools:
+        _pools[pid] = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="ue-update")
+    return _pools[pid]
 
 
 def reduce_row_gradients(
