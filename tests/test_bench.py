@@ -161,11 +161,12 @@ def test_failing_runs_are_recorded_and_retried(data_dir, tmp_path, monkeypatch):
         run_sweep(spec, tmp_path / "r.db", progress=False, stop_on_error=True)
 
 
-def test_grid_expands_all_methods_and_the_printed_command_reproduces_it(data_dir):
-    spec = tiny_spec(data_dir, methods="all", budgets=["0.1x", "1x"], seeds=2,
+@pytest.mark.parametrize("seeds", [2, [2], [0, 4]])  # a count, a one-seed list (not the count 2), a list
+def test_grid_expands_all_methods_and_the_printed_command_reproduces_it(data_dir, seeds):
+    spec = tiny_spec(data_dir, methods="all", budgets=["0.1x", "1x"], seeds=seeds,
                      options_by_method={"unified": {"probes": "log"}})  # fmt: skip
     configs = spec.configs()
-    assert len(configs) == len(METHODS) * 2 * 2
+    assert len(configs) == len(METHODS) * 2 * len(spec.seed_list())
     assert {c.method for c in configs} == set(METHODS)
     assert all(c.method_options == ({"probes": "log"} if c.method == "unified" else {}) for c in configs)
     parser = argparse.ArgumentParser()

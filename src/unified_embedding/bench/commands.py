@@ -35,7 +35,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> int | list[int]:
-    """`3` means seeds 0, 1, 2; `0,5,7` means exactly those."""
+    """`3` means seeds 0, 1, 2; `0,5,7` means exactly those; `2,` means seed 2 alone."""
     try:
         return [int(s) for s in _csv(text)] if "," in text else int(text)
     except ValueError:
@@ -76,7 +76,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--budgets", type=_csv, default=["0.01x", "0.03x", "0.1x", "0.3x", "1x"],
                    help="comma-separated budgets: multiples of `full` (0.1x) or parameter counts")  # fmt: skip
-    p.add_argument("--seeds", type=_seeds, default=3, help="a count (3: seeds 0,1,2) or a list (0,4,9)")
+    p.add_argument("--seeds", type=_seeds, default=3, help="a count (3: seeds 0,1,2) or a list (0,4,9; one seed: 2,)")
     p.add_argument("--model", default="dcnv2", help="CTR model: lr, fm, deepfm, dcnv2, dlrm, mlp")
     p.add_argument("--results", default="results.db", help="the SQLite results database (created if missing)")
     p.add_argument(

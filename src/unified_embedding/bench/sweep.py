@@ -315,7 +315,9 @@ def describe_command(spec: SweepSpec, results: str | Path) -> str:
     args = ["ue", "bench", "--datasets", ",".join(spec.datasets)]
     methods = spec.methods if isinstance(spec.methods, str) else ",".join(spec.methods)
     args += ["--methods", methods, "--budgets", ",".join(str(b) for b in spec.budgets)]
-    seeds = spec.seeds if isinstance(spec.seeds, int) else ",".join(str(s) for s in spec.seeds)
+    seeds = spec.seeds
+    if not isinstance(seeds, int):  # a one-seed list is written "2,", or it would read back as the count 2
+        seeds = ",".join(str(s) for s in seeds) + "," * (len(seeds) == 1)
     args += ["--seeds", str(seeds), "--model", spec.model, "--results", str(results)]
     defaults = SweepSpec(datasets=spec.datasets)
     for name in ("epochs", "patience", "batch_size", "lr", "optimizer", "split", "split_seed", "on_bad_rows", "data_dir",
