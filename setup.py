@@ -15,12 +15,14 @@ setup(
         Extension(
             "unified_embedding.data._fastcsv",
             sources=["src/unified_embedding/data/_fastcsv.c"],
+            depends=["src/unified_embedding/splitmix64.h"],
             extra_compile_args=["-O3"],
             optional=True,
         ),
         Extension(
             "unified_embedding._kernels",
             sources=["src/unified_embedding/_kernels.c"],
+            depends=["src/unified_embedding/splitmix64.h"],
             # no fused multiply-adds (aarch64 contracts by default): each operation rounds as torch's do
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
             optional=True,

@@ -31,18 +31,17 @@ def _lookups(generator: torch.Generator, num_rows: int) -> tuple[torch.Tensor, t
     return rows, offsets, weights
 
 
-@pytest.mark.parametrize("kind", sorted(REFERENCES))
-def test_fused_update_matches_the_torch_optimizer(kind: str) -> None:
+def _train_fused_and_reference(kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Six steps of the fused update and of torch's optimizer on the same lookups: start, fused, reference."""
     generator = torch.Generator().manual_seed(0)
-    start = torch.randn(1000, 8, generator=generator, dtype=torch.float64)
-    fused_table = start.clone().requires_grad_()
-    reference_table = start.clone().requires_grad_()
-    fused = RowOptimizer(kind, fused_table, lr=REFERENCES[kind](torch.zeros(1)).defaults["lr"])
+    start = torch.randn(1000, 8, generator=generator, dtype=dtype)
+    fused_table, reference_table = start.clone().requires_grad_(), start.clone().requires_grad_()
     reference = REFERENCES[kind](reference_table)
+    optimizer = RowOptimizer(kind, fused_table, lr=reference.defaults["lr"])
     for _ in range(6):
         rows, offsets, weights = _lookups(generator, 1000)
-        target = torch.randn(5, 8, generator=generator, dtype=torch.float64)
-        ((fused_embedding_bag(rows, offsets, fused, weights) - target) ** 2).sum().backward()
+        weights, target = weights.to(dtype), torch.randn(5, 8, generator=generator, dtype=dtype)
+        ((fused_embedding_bag(rows, offsets, optimizer, weights) - target) ** 2).sum().backward()
         reference.zero_grad()
         pooled = F.embedding_bag(
             rows, reference_table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True,
@@ -51,6 +50,13 @@ def test_fused_update_matches_the_torch_optimizer(kind: str) -> None:
         ((pooled - target) ** 2).sum().backward()
         reference.step()
     assert fused_table.grad is None  # the update happened in backward; nothing left for an optimizer
+    return start, fused_table.detach(), reference_table.detach()
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCES))
+def test_fused_update_matches_the_torch_optimizer(kind: str) -> None:
+    """float64: the torch path of the step, element by element."""
+    start, fused_table, reference_table = _train_fused_and_reference(kind, torch.float64)
     assert not torch.equal(fused_table, start)
     relative = (fused_table - reference_table).abs() / reference_table.abs().clamp(min=1e-12)
     assert relative.max().item() < 1e-6
@@ -160,22 +166,7 @@ def test_the_c_step_matches_the_torch_optimizer_in_float32(kind: str, monkeypatc
     assert fused.KERNELS is not None, "the C kernels were not built at install (no C compiler?)"
     monkeypatch.setattr(fused, "_ROWS_PER_THREAD", 8)  # split even these few rows across threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    generator = torch.Generator().manual_seed(0)
-    start = torch.randn(1000, 8, generator=generator)
-    fused_table, reference_table = start.clone().requires_grad_(), start.clone().requires_grad_()
-    reference = REFERENCES[kind](reference_table)
-    fused_optimizer = RowOptimizer(kind, fused_table, lr=reference.defaults["lr"])
-    for _ in range(6):
-        rows, offsets, weights = _lookups(generator, 1000)
-        weights, target = weights.float(), torch.randn(5, 8, generator=generator)
-        ((fused_embedding_bag(rows, offsets, fused_optimizer, weights) - target) ** 2).sum().backward()
-        reference.zero_grad()
-        pooled = F.embedding_bag(
-            rows, reference_table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True,
-            sparse=kind != "sgd",
-        )  # fmt: skip
-        ((pooled - target) ** 2).sum().backward()
-        reference.step()
+    start, fused_table, reference_table = _train_fused_and_reference(kind, torch.float32)
     moved = (start - reference_table).abs() > 0
     assert moved.any() and torch.equal(moved, (start - fused_table).abs() > 0)
     error = (fused_table - reference_table).abs().max() / reference_table.abs().max()

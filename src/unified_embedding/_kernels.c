@@ -17,86 +17,56 @@
 #include <math.h>
 #include <stdint.h>
 
-static const uint64_t M1 = 0xBF58476D1CE4E5B9ULL;
-static const uint64_t M2 = 0x94D049BB133111EBULL;
-static const uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL;
+#include "splitmix64.h"
 
-static inline uint64_t mix64(uint64_t x) {
-    x ^= x >> 30;
-    x *= M1;
-    x ^= x >> 27;
-    x *= M2;
-    x ^= x >> 31;
-    return x;
-}
+typedef enum { SALTED_KEYS, KEYS_TO_ROWS } HashPass;
 
-/* Checks that `setting` has one entry per `repeat` elements of `count`. */
-static int check_setting(const Py_buffer *setting, Py_ssize_t count, Py_ssize_t repeat, const char *what) {
-    Py_ssize_t entries = setting->len / (Py_ssize_t)sizeof(int64_t);
-    if (repeat < 1 || entries * repeat != count) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd entries do not cover %zd elements in runs of %zd", what, entries, count,
-                     repeat);
-        return 0;
-    }
-    return 1;
-}
-
-/* salted_keys(values, salts, repeat, out): out[i] = mix64(values[i] ^ salts[i / repeat]). */
-static PyObject *salted_keys(PyObject *self, PyObject *args) {
-    Py_buffer values, salts, out;
+/* One pass over int64 words with a setting per run of `repeat` of them:
+ *   SALTED_KEYS:  out[i] = mix64(values[i] ^ salts[i / repeat])
+ *   KEYS_TO_ROWS: out[i] = (mix64(keys[i] + GOLDEN) >> 1) % sizes[i / repeat], sizes positive. */
+static PyObject *hash_pass(PyObject *args, HashPass pass, const char *name) {
+    Py_buffer values, settings, out;
     Py_ssize_t repeat;
-    if (!PyArg_ParseTuple(args, "y*y*nw*", &values, &salts, &repeat, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &values, &settings, &repeat, &out)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t count = values.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t entries = settings.len / (Py_ssize_t)sizeof(int64_t);
+    const uint64_t *v = values.buf, *s = settings.buf;
+    uint64_t *o = out.buf;
     if (out.len != values.len) {
-        PyErr_SetString(PyExc_ValueError, "salted_keys: out must be as long as values");
-    } else if (check_setting(&salts, count, repeat, "salted_keys")) {
-        const uint64_t *v = values.buf, *s = salts.buf;
-        uint64_t *o = out.buf;
-        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t start = 0; start < count; start += repeat) {
-            const uint64_t salt = s[start / repeat];
-            for (Py_ssize_t i = start; i < start + repeat; i++) o[i] = mix64(v[i] ^ salt);
-        }
-        Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+        PyErr_Format(PyExc_ValueError, "%s: out must be as long as the input", name);
+        goto done;
     }
+    if (repeat < 1 || entries * repeat != count) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd settings do not cover %zd elements in runs of %zd", name, entries,
+                     count, repeat);
+        goto done;
+    }
+    for (Py_ssize_t r = 0; pass == KEYS_TO_ROWS && r < entries; r++) {
+        if ((int64_t)s[r] <= 0) {
+            PyErr_Format(PyExc_ValueError, "%s: row counts must be positive, got %lld", name, (long long)s[r]);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t start = 0; start < count; start += repeat) {
+        const uint64_t setting = s[start / repeat];
+        if (pass == SALTED_KEYS) {
+            for (Py_ssize_t i = start; i < start + repeat; i++) o[i] = mix64(v[i] ^ setting);
+        } else {
+            for (Py_ssize_t i = start; i < start + repeat; i++) o[i] = (mix64(v[i] + SPLITMIX_GOLDEN) >> 1) % setting;
+        }
+    }
+    Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+done:
     PyBuffer_Release(&values);
-    PyBuffer_Release(&salts);
+    PyBuffer_Release(&settings);
     PyBuffer_Release(&out);
     return result;
 }
 
-/* keys_to_rows(keys, sizes, repeat, out): out[i] = (mix64(keys[i] + GOLDEN) >> 1) % sizes[i / repeat].
- * Sizes must be positive (ValueError otherwise). */
-static PyObject *keys_to_rows(PyObject *self, PyObject *args) {
-    Py_buffer keys, sizes, out;
-    Py_ssize_t repeat;
-    if (!PyArg_ParseTuple(args, "y*y*nw*", &keys, &sizes, &repeat, &out)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t count = keys.len / (Py_ssize_t)sizeof(int64_t);
-    if (out.len != keys.len) {
-        PyErr_SetString(PyExc_ValueError, "keys_to_rows: out must be as long as keys");
-    } else if (check_setting(&sizes, count, repeat, "keys_to_rows")) {
-        const uint64_t *k = keys.buf;
-        const int64_t *n = sizes.buf;
-        int64_t *o = out.buf;
-        for (Py_ssize_t r = 0; r < sizes.len / (Py_ssize_t)sizeof(int64_t); r++) {
-            if (n[r] <= 0) {
-                PyErr_Format(PyExc_ValueError, "keys_to_rows: row counts must be positive, got %lld", (long long)n[r]);
-                goto done;
-            }
-        }
-        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t start = 0; start < count; start += repeat) {
-            const uint64_t size = (uint64_t)n[start / repeat];
-            for (Py_ssize_t i = start; i < start + repeat; i++) o[i] = (int64_t)((mix64(k[i] + GOLDEN) >> 1) % size);
-        }
-        Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
-    }
-done:
-    PyBuffer_Release(&keys);
-    PyBuffer_Release(&sizes);
-    PyBuffer_Release(&out);
-    return result;
-}
+static PyObject *salted_keys(PyObject *self, PyObject *args) { return hash_pass(args, SALTED_KEYS, "salted_keys"); }
+
+static PyObject *keys_to_rows(PyObject *self, PyObject *args) { return hash_pass(args, KEYS_TO_ROWS, "keys_to_rows"); }
 
 enum { SGD = 0, ADAGRAD = 1, ROWWISE_ADAGRAD = 2, ADAM = 3 };
 

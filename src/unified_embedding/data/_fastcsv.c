@@ -14,6 +14,8 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "../splitmix64.h"
 #include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -21,26 +23,13 @@
 
 enum { SKIP = 0, LABEL = 1, DENSE = 2, CATEGORICAL = 3 };
 
-static const uint64_t M1 = 0xBF58476D1CE4E5B9ULL;
-static const uint64_t M2 = 0x94D049BB133111EBULL;
-static const uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL;
-
-static inline uint64_t mix64(uint64_t x) {
-    x ^= x >> 30;
-    x *= M1;
-    x ^= x >> 27;
-    x *= M2;
-    x ^= x >> 31;
-    return x;
-}
-
 /* hash_bytes of one cell: the length mixed in first, then each zero-padded little-endian
  * 8-byte word folded in turn. */
 #define SHORT_CELL 64
-static uint64_t initial_state[SHORT_CELL]; /* mix64(length + GOLDEN) of short lengths, computed once */
+static uint64_t initial_state[SHORT_CELL]; /* mix64(length + SPLITMIX_GOLDEN) of short lengths, computed once */
 
 static inline int64_t hash_cell(const unsigned char *cell, size_t length, const unsigned char *end) {
-    uint64_t state = length < SHORT_CELL ? initial_state[length] : mix64((uint64_t)length + GOLDEN);
+    uint64_t state = length < SHORT_CELL ? initial_state[length] : mix64((uint64_t)length + SPLITMIX_GOLDEN);
     if (length <= 8 && end - cell >= 8) { /* the common short cell: one load, the bytes past it masked off */
         uint64_t word;
         memcpy(&word, cell, 8);
@@ -273,6 +262,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcsv", NULL, -1,
 
 PyMODINIT_FUNC PyInit__fastcsv(void) {
     for (int i = 0; i < LOG1P_TABLE_SIZE; i++) log1p_table[i] = (float)log1p((double)i);
-    for (int i = 0; i < SHORT_CELL; i++) initial_state[i] = mix64((uint64_t)i + GOLDEN);
+    for (int i = 0; i < SHORT_CELL; i++) initial_state[i] = mix64((uint64_t)i + SPLITMIX_GOLDEN);
     return PyModule_Create(&module);
 }
