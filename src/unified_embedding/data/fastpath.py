@@ -85,7 +85,7 @@ def parse_blocks(
         blocks = _blocks(data, start, block_size)
         released = 0
         while True:
-            while len(in_flight) <= 2 * threads and (bounds := next(blocks, None)) is not None:
+            while len(in_flight) < 2 * threads and (bounds := next(blocks, None)) is not None:
                 in_flight.append((*bounds, pool.submit(_parse, data, *bounds, plan)))
             if not in_flight:
                 return
