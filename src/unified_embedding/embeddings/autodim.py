@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width
 from unified_embedding.embeddings.full import DEFAULT_DIM, FullEmbedding, vocabulary_sizes
 from unified_embedding.features import FeatureSet
 
@@ -141,8 +141,7 @@ class AutoDimEmbedding(FullEmbedding):
             raise ValueError(f"autodim's temperature must be positive, got {temperature}")
         if table_options.get("sparse"):
             raise ValueError("autodim's projections and architecture weights have dense gradients; use sparse=False")
-        if any(f.dim for f in features.sparse):
-            raise ValueError(f"autodim projects every feature to one width ({dim}); remove per-feature dims")
+        require_one_width(features, f"autodim projects every feature to one width ({dim})", ValueError)
         super().__init__(features, vocabularies, dim=sum(candidates), **table_options)
         self.dim, self.candidates, self.budget, self.temperature = dim, candidates, budget, temperature
         self.rows = list(vocabulary_sizes(features.sparse_names, vocabularies).values())
@@ -227,8 +226,7 @@ class AutoDimEmbedding(FullEmbedding):
         **options,
     ) -> Self:
         """The search supernet; its retrained table is bound to `budget` (BudgetError below the narrowest choice)."""
-        if any(f.dim for f in features.sparse):
-            raise BudgetError("autodim.from_budget projects every feature to dim; remove per-feature dims")
+        require_one_width(features, "autodim.from_budget projects every feature to dim")
         rows = vocabulary_sizes(features.sparse_names, vocabularies).values()
         floor = sum(field_cost(n, min(candidates), dim) for n in rows)
         if budget < floor:

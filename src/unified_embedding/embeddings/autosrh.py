@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, as_tensor, register
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, as_tensor, register, require_one_width
 from unified_embedding.embeddings.full import DEFAULT_DIM, FullEmbedding, vocabulary_sizes
 from unified_embedding.features import FeatureSet
 
@@ -129,8 +129,7 @@ class AutoSrhEmbedding(FullEmbedding):
     ) -> None:
         if table_options.get("sparse"):
             raise ValueError("autosrh trains its selection weights with dense gradients; use sparse=False")
-        if any(f.dim for f in features.sparse):
-            raise ValueError(f"autosrh selects dimensions of one table of width {dim}; remove per-feature dims")
+        require_one_width(features, f"autosrh selects dimensions of one table of width {dim}", ValueError)
         if buckets < 1 or group_size < 1 or dim % group_size:
             raise ValueError(
                 f"autosrh needs buckets >= 1 and a group_size dividing dim {dim}, got {buckets}, {group_size}"
@@ -218,7 +217,6 @@ class AutoSrhEmbedding(FullEmbedding):
         **options,
     ) -> Self:
         """The search table at width `dim`; its retrained selection is bound to `budget`."""
-        if any(f.dim for f in features.sparse):
-            raise BudgetError("autosrh.from_budget selects dimensions of one width dim; remove per-feature dims")
+        require_one_width(features, "autosrh.from_budget selects dimensions of one width dim")
         vocabulary_sizes(features.sparse_names, vocabularies)  # a clear error for a missing vocabulary
         return cls(features, vocabularies, budget, dim=dim, **options)

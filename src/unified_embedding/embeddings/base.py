@@ -131,6 +131,16 @@ class EmbeddingMethod(nn.Module, ABC):
 METHODS: dict[str, type[EmbeddingMethod]] = {}
 
 
+def require_one_width(features: FeatureSet, why: str, error: type[ValueError] = BudgetError) -> None:
+    """Refuse per-feature widths for a method that gives every feature one width.
+
+    `from_budget` raises `BudgetError` (a sweep records the run as refused); constructors
+    raise a plain `ValueError`.
+    """
+    if any(f.dim for f in features.sparse):
+        raise error(f"{why}; remove per-feature dims")
+
+
 def register(cls: type[EmbeddingMethod]) -> type[EmbeddingMethod]:
     """Class decorator adding a method to `METHODS` under its `name`."""
     if cls.name in METHODS:

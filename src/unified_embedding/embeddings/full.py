@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, uniform_init
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width, uniform_init
 from unified_embedding.embeddings.table import SlotTableEmbedding, feature_region, slot_values
 from unified_embedding.features import FeatureSet
 from unified_embedding.hashing import salted_keys
@@ -136,8 +136,7 @@ class FullEmbedding(SlotTableEmbedding):
         cls, features: FeatureSet, budget: int, *, vocabularies: Vocabularies | None = None, **options
     ) -> Self:
         """The widest uniform `dim` that fits: full cannot share rows, so it can only get narrower."""
-        if any(f.dim for f in features.sparse):
-            raise BudgetError("full.from_budget chooses one width for all features; remove per-feature dims")
+        require_one_width(features, "full.from_budget chooses one width for all features")
         rows = sum(vocabulary_sizes(features.sparse_names, vocabularies).values())
         dim = budget // rows
         if dim < 1:

@@ -47,7 +47,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width
 from unified_embedding.embeddings.full import DEFAULT_DIM, FullEmbedding, vocabulary_sizes
 from unified_embedding.features import FeatureSet
 
@@ -281,8 +281,7 @@ class OptEmbedding(FullEmbedding):
         **options,
     ) -> Self:
         """The supernet at width `dim`; its search is bound to `budget` (see the module docstring)."""
-        if any(f.dim for f in features.sparse):
-            raise BudgetError("optembed.from_budget searches widths up to dim; remove per-feature dims")
+        require_one_width(features, "optembed.from_budget searches widths up to dim")
         rows = sum(vocabulary_sizes(features.sparse_names, vocabularies).values())
         if budget < rows:
             raise BudgetError(

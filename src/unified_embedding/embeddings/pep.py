@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width
 from unified_embedding.embeddings.full import DEFAULT_DIM, FullEmbedding
 from unified_embedding.embeddings.initial import capture_rng_state, replay_uniform
 from unified_embedding.features import FeatureSet
@@ -241,8 +241,7 @@ class PEPEmbedding(FullEmbedding):
         **options,
     ) -> Self:
         """`full` at width `dim`, pruned to the most non-zeros whose storage fits the budget."""
-        if any(f.dim for f in features.sparse):
-            raise BudgetError("pep.from_budget prunes one table of width dim; remove per-feature dims")
+        require_one_width(features, "pep.from_budget prunes one table of width dim")
         keep = largest_keep(budget, FullEmbedding.parameter_count(features, vocabularies, dim))
         if keep < 1:
             raise BudgetError(
