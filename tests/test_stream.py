@@ -14,7 +14,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from unified_embedding.batch import Batch
-from unified_embedding.cli import main
 from unified_embedding.embeddings import FullEmbedding
 from unified_embedding.features import FeatureSet, FeatureSpec
 from unified_embedding.network import CTRNetwork
@@ -164,10 +163,10 @@ def test_sigkill_mid_stream_then_resume_gives_the_uninterrupted_metrics(data_dir
     flags = ["stream", "--dataset", "movielens-100k", "--data-dir", str(data_dir), "--method", "unified",
              "--budget", "0.25x", "--max-rows", "24000", "--window", "1000", "--batch-size", "256", "--quiet",
              "--model-option", "hidden=[32]", "--model-option", "num_cross_layers=1"]  # fmt: skip
-    reference = tmp_path / "reference.json"
-    assert main([*flags, "--output", str(reference)]) == 0
-    output = tmp_path / "stream.json"
+    reference, output = tmp_path / "reference.json", tmp_path / "stream.json"
     command = [sys.executable, "-m", "unified_embedding.cli", *flags, "--output", str(output)]
+    # The reference runs in a fresh process too, not in pytest's, so both see the same libraries and settings.
+    subprocess.run([*command[:-1], str(reference)], check=True, capture_output=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = output.with_suffix(".ckpt")
     deadline = time.time() + 120
@@ -182,6 +181,10 @@ def test_sigkill_mid_stream_then_resume_gives_the_uninterrupted_metrics(data_dir
     finished = subprocess.run([*command, "--resume"], capture_output=True, text=True, check=False)
     assert finished.returncode == 0, finished.stderr
     resumed, uninterrupted = json.loads(output.read_text()), json.loads(reference.read_text())
-    for key in ("auc", "logloss", "new_auc", "new_examples"):
-        assert resumed[key] == uninterrupted[key]
-    assert [w["auc"] for w in resumed["windows"]] == [w["auc"] for w in uninterrupted["windows"]]
+    # Lost state (optimizer moments, RNG, seen ids) moves these by 1e-4 or more. CI once saw 4e-8 in
+    # the AUC: one float32 ulp moving one example across one of the 2^16 histogram bins.
+    assert resumed["new_examples"] == uninterrupted["new_examples"]
+    for key in ("auc", "logloss", "new_auc"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6, abs=0)
+    window_aucs = [w["auc"] for w in uninterrupted["windows"]]
+    assert [w["auc"] for w in resumed["windows"]] == pytest.approx(window_aucs, rel=1e-6, abs=0)
