@@ -11,9 +11,13 @@ exact tables, updated the fast way).
    modulo the cap (DLRM's `--max-ind-range`), 16 floats per feature; `unified` gets the
    same number of parameters. Examples/s over interleaved blocks of steps.
 2. Real MovieLens-100K: each system trained with the library's trainer (early stopping on
-   validation AUC, test scored once), so the AUCs show the fast path learns the same model.
+   validation AUC, test scored once) over several seeds, so the AUCs show whether the fast
+   path learns as good a model.
 
-    python benchmarks/train_speed.py [--batch 4096] [--steps 20] [--reps 5]
+    python benchmarks/train_speed.py [--batch 4096] [--steps 20] [--reps 5] [--seeds 0,1,2]
+                                     [--parts criteo,movielens]
+
+A run of some parts replaces those parts in the JSON and keeps the others.
 """
 
 from __future__ import annotations
@@ -150,19 +154,29 @@ def criteo_speed(batch_size: int, steps: int, reps: int) -> dict[str, dict[str, 
     return results
 
 
-def movielens_quality(data_dir: str, batch_size: int) -> dict[str, dict[str, float]]:
-    """Each system trained to early stopping on MovieLens-100K; AUCs and examples/s."""
-    runs = {
-        "usual_adam": TrainConfig("movielens-100k", method="usual_bags"),
-        "full_fused": TrainConfig("movielens-100k", method="full", fused=True),
-        "unified_fused_1x": TrainConfig("movielens-100k", method="unified", fused=True),
+QUALITY_KEYS = ("val_auc", "test_auc", "test_logloss", "best_epoch", "examples_per_second")
+
+
+def movielens_quality(data_dir: str, batch_size: int, seeds: list[int]) -> dict[str, dict]:
+    """Each system trained to early stopping on MovieLens-100K per seed; per-seed figures, mean and sd."""
+    systems = {
+        "usual_adam": {"method": "usual_bags"},
+        "full_fused": {"method": "full", "fused": True},
+        "unified_fused_1x": {"method": "unified", "fused": True},
     }
     results = {}
-    for name, config in runs.items():
-        config.data_dir, config.batch_size = data_dir, batch_size
-        run = Trainer(config, progress=False).run()
-        results[name] = {key: run[key] for key in ("val_auc", "test_auc", "test_logloss", "best_epoch",
-                                                   "examples_per_second", "num_embedding_params")}  # fmt: skip
+    for name, options in systems.items():
+        runs = [
+            Trainer(TrainConfig("movielens-100k", data_dir=data_dir, batch_size=batch_size, seed=seed, **options),
+                    progress=False).run()
+            for seed in seeds
+        ]  # fmt: skip
+        results[name] = {
+            "num_embedding_params": runs[0]["num_embedding_params"],
+            "seeds": {seed: {key: run[key] for key in QUALITY_KEYS} for seed, run in zip(seeds, runs, strict=True)},
+            "mean": {key: statistics.fmean(run[key] for run in runs) for key in QUALITY_KEYS},
+            "sd": {key: statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0 for key in QUALITY_KEYS},
+        }
     return results
 
 
@@ -171,32 +185,43 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--reps", type=int, default=5, help="timed blocks per system, interleaved")
+    parser.add_argument("--seeds", default="0,1,2", help="MovieLens-100K seeds, comma-separated")
+    parser.add_argument("--parts", default="criteo,movielens", help="which of criteo,movielens to run")
     parser.add_argument("--data-dir", default=str(Path(__file__).parents[2] / "shared" / "datasets"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts or not parts <= {"criteo", "movielens"}:
+        parser.error(f"--parts takes criteo and/or movielens, got {args.parts!r}")
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results.update(threads=torch.get_num_threads(), torch=torch.__version__)
 
-    print(f"Criteo-shaped DCNv2, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{len(CRITEO_CARDINALITIES)} features capped at {CAP:,} rows x {DIM}")  # fmt: skip
-    criteo = criteo_speed(args.batch, args.steps, args.reps)
-    print(f"{'system':<20}{'examples/s':>12}{'spread':>9}{'vs usual_adam':>15}{'embedding params':>18}")
-    for name, row in criteo.items():
-        print(f"{name:<20}{row['examples_per_s']:>12,.0f}{row['spread']:>8.0%}{row['speedup_vs_usual_adam']:>14.2f}x"
-              f"{row['embedding_params']:>18,}")  # fmt: skip
-    peak = high_water_rss()
-    print(f"peak RSS of this process so far: {peak / 2**30:.2f} GiB")
+    if "criteo" in parts:
+        print(f"Criteo-shaped DCNv2, batch {args.batch}, {torch.get_num_threads()} threads, "
+              f"{len(CRITEO_CARDINALITIES)} features capped at {CAP:,} rows x {DIM}")  # fmt: skip
+        criteo = criteo_speed(args.batch, args.steps, args.reps)
+        print(f"{'system':<20}{'examples/s':>12}{'spread':>9}{'vs usual_adam':>15}{'embedding params':>18}")
+        for name, row in criteo.items():
+            print(f"{name:<20}{row['examples_per_s']:>12,.0f}{row['spread']:>8.0%}"
+                  f"{row['speedup_vs_usual_adam']:>14.2f}x{row['embedding_params']:>18,}")  # fmt: skip
+        peak = high_water_rss()
+        print(f"peak RSS of this process so far: {peak / 2**30:.2f} GiB")
+        results.update(batch=args.batch, criteo_shaped=criteo, criteo_peak_rss_bytes=peak)
 
-    print("\nMovieLens-100K, DCNv2, batch 1024, early stopping on validation AUC")
-    movielens = movielens_quality(args.data_dir, 1024)
-    print(f"{'system':<20}{'val AUC':>9}{'test AUC':>10}{'log loss':>10}{'epochs':>8}{'examples/s':>12}")
-    for name, row in movielens.items():
-        print(f"{name:<20}{row['val_auc']:>9.4f}{row['test_auc']:>10.4f}{row['test_logloss']:>10.4f}"
-              f"{row['best_epoch']:>8}{row['examples_per_second']:>12,.0f}")  # fmt: skip
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch,
-               "criteo_shaped": criteo, "criteo_peak_rss_bytes": peak, "movielens_100k": movielens}  # fmt: skip
+    if "movielens" in parts:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        print(f"\nMovieLens-100K, DCNv2, batch 1024, early stopping on validation AUC, seeds {seeds}: mean (sd)")
+        movielens = movielens_quality(args.data_dir, 1024, seeds)
+        print(f"{'system':<20}{'val AUC':>18}{'test AUC':>18}{'log loss':>18}{'epochs':>8}{'examples/s':>12}")
+        for name, row in movielens.items():
+            mean, sd = row["mean"], row["sd"]
+            cells = "".join(f"{mean[key]:>9.4f} ({sd[key]:.4f})" for key in ("val_auc", "test_auc", "test_logloss"))
+            print(f"{name:<20}{cells}{mean['best_epoch']:>8.1f}{mean['examples_per_second']:>12,.0f}")
+        results["movielens_100k"] = movielens
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

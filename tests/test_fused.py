@@ -91,14 +91,31 @@ def test_row_gradients_are_summed_per_unique_row() -> None:
 
 def test_state_round_trips_through_state_dict() -> None:
     table = torch.randn(20, 3).requires_grad_()
-    optimizer = RowOptimizer("adam", table, lr=0.01)
+    optimizer = RowOptimizer("adam", table, lr=0.01, weight_decay=0.1)
     optimizer.update(torch.tensor([1, 4]), torch.ones(2, 3))
-    restored = RowOptimizer("adam", torch.zeros(20, 3), lr=0.5)
+    restored = RowOptimizer("adam", torch.zeros(20, 3), lr=0.5, weight_decay=0.1)
     restored.load_state_dict(optimizer.state_dict())
     assert restored.steps == 1 and restored.lr == 0.01
     torch.testing.assert_close(restored.state["exp_avg"], optimizer.state["exp_avg"])
+    assert restored.last_step[[1, 4]].tolist() == [1, 1] and restored.last_step.sum() == 2
     with pytest.raises(ValueError, match="adagrad"):
         RowOptimizer("adagrad", torch.zeros(20, 3), lr=0.1).load_state_dict(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_weight_decay_counts_the_steps_a_row_skipped(kernel: bool, monkeypatch) -> None:
+    if not kernel:
+        monkeypatch.setattr(fused, "KERNELS", None)
+    table = torch.ones(3, 2)
+    optimizer = RowOptimizer("sgd", table, lr=0.5, weight_decay=0.1)
+    for rows in ([0, 1], [0], [0], [0, 1]):  # row 1 skips steps 2 and 3; row 2 is never touched
+        optimizer.update(torch.tensor(rows), torch.zeros(len(rows), 2))
+    expected_row_1 = 0.95 - 0.5 * (0.1 * 3 * 0.95)  # step 1: 1 - 0.5 * 0.1; step 4: three steps of L2 at once
+    torch.testing.assert_close(table[1], torch.full((2,), expected_row_1))
+    torch.testing.assert_close(table[2], torch.ones(2))
+    assert optimizer.last_step.tolist() == [4, 4, 0]
+    optimizer.reset_rows(torch.tensor([2]))  # a row handed to a new id owes no decay from before
+    assert optimizer.last_step.tolist() == [4, 4, 4]
 
 
 def test_bad_row_optimizer_settings_are_refused() -> None:

@@ -75,11 +75,13 @@ typedef struct {
 } Hyper;
 
 /* One touched row: `g` is its summed gradient (overwritten), `t` its table row, `a` and `b`
- * its state (Adagrad's sum, or Adam's moments; one word for row-wise Adagrad). The
- * operations and their order are those of the torch path in fused.py. */
-static inline void update_row(int kind, float *t, float *a, float *b, float *g, Py_ssize_t dim, const Hyper *h) {
-    if (h->weight_decay != 0.0f)
-        for (Py_ssize_t j = 0; j < dim; j++) g[j] += h->weight_decay * t[j];
+ * its state (Adagrad's sum, or Adam's moments; one word for row-wise Adagrad), `decay` the
+ * L2 coefficient for the steps since the row was last touched. The operations and their
+ * order are those of the torch path in fused.py. */
+static inline void update_row(int kind, float *t, float *a, float *b, float *g, Py_ssize_t dim, float decay,
+                              const Hyper *h) {
+    if (decay != 0.0f)
+        for (Py_ssize_t j = 0; j < dim; j++) g[j] += t[j] * decay;
     switch (kind) {
     case SGD:
         for (Py_ssize_t j = 0; j < dim; j++) t[j] += g[j] * -h->lr;
@@ -117,15 +119,19 @@ static inline void prefetch_row(const float *row, Py_ssize_t width) {
     for (Py_ssize_t j = 0; j < width; j += 16) __builtin_prefetch(row + j, 1, 0); /* 16 floats: a 64-byte line */
 }
 
-/* row_update(kind, table, dim, rows, grads, state_a, state_b, lr, eps, 1 - beta1, 1 - beta2, weight_decay,
- *            step_size, begin, end): the step for unique rows[begin:end] (threads split the rows). */
+/* row_update(kind, table, dim, rows, grads, state_a, state_b, last_step, step, lr, eps, 1 - beta1, 1 - beta2,
+ *            weight_decay, step_size, begin, end): step number `step` for unique rows[begin:end] (threads
+ *            split the rows). With weight decay, last_step[row] (int64, one per table row) is the step
+ *            that last touched the row: its L2 counts every step since, and becomes `step`. */
 static PyObject *row_update(PyObject *self, PyObject *args) {
     int kind;
-    Py_buffer table, rows, grads, state_a, state_b;
+    Py_buffer table, rows, grads, state_a, state_b, last_step;
     Py_ssize_t dim, begin, end;
+    long long step;
     Hyper h;
-    if (!PyArg_ParseTuple(args, "iw*ny*w*w*w*ffffffnn", &kind, &table, &dim, &rows, &grads, &state_a, &state_b, &h.lr,
-                          &h.eps, &h.rate1, &h.rate2, &h.weight_decay, &h.step_size, &begin, &end))
+    if (!PyArg_ParseTuple(args, "iw*ny*w*w*w*w*Lffffffnn", &kind, &table, &dim, &rows, &grads, &state_a, &state_b,
+                          &last_step, &step, &h.lr, &h.eps, &h.rate1, &h.rate2, &h.weight_decay, &h.step_size, &begin,
+                          &end))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t table_rows = dim > 0 ? table.len / (Py_ssize_t)sizeof(float) / dim : 0;
@@ -135,7 +141,8 @@ static PyObject *row_update(PyObject *self, PyObject *args) {
     if (kind < SGD || kind > ADAM || dim <= 0 || grads.len != count * dim * (Py_ssize_t)sizeof(float) || begin < 0 ||
         end > count || begin > end ||
         (needs_a && state_a.len != table_rows * state_width * (Py_ssize_t)sizeof(float)) ||
-        (needs_b && state_b.len != table.len)) {
+        (needs_b && state_b.len != table.len) ||
+        (h.weight_decay != 0.0f && last_step.len != table_rows * (Py_ssize_t)sizeof(int64_t))) {
         PyErr_SetString(PyExc_ValueError, "row_update: shapes of table, rows, gradients and state do not agree");
         goto done;
     }
@@ -148,16 +155,23 @@ static PyObject *row_update(PyObject *self, PyObject *args) {
         }
     }
     float *t = table.buf, *g = grads.buf, *a = state_a.buf, *b = state_b.buf;
+    int64_t *last = last_step.buf;
     Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = begin; i < end; i++) {
         if (i + PREFETCH_AHEAD < end) { /* rows are scattered over GBs: start their reads early */
             Py_ssize_t ahead = (Py_ssize_t)r[i + PREFETCH_AHEAD];
             prefetch_row(t + ahead * dim, dim);
             if (needs_a) prefetch_row(a + ahead * state_width, state_width);
             if (needs_b) prefetch_row(b + ahead * dim, dim);
+            if (h.weight_decay != 0.0f) __builtin_prefetch(last + ahead, 1, 0);
         }
         Py_ssize_t row = (Py_ssize_t)r[i];
+        float decay = 0.0f;
+        if (h.weight_decay != 0.0f) {
+            decay = (float)(step - last[row]) * h.weight_decay;
+            last[row] = step;
+        }
         update_row(kind, t + row * dim, needs_a ? a + row * state_width : NULL, needs_b ? b + row * dim : NULL,
-                   g + i * dim, dim, &h);
+                   g + i * dim, dim, decay, &h);
     }
     Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
 done:
@@ -166,6 +180,7 @@ done:
     PyBuffer_Release(&grads);
     PyBuffer_Release(&state_a);
     PyBuffer_Release(&state_b);
+    PyBuffer_Release(&last_step);
     return result;
 }
 

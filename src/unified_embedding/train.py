@@ -173,7 +173,7 @@ class Optimizers:
     With `fused`, the embedding's tables are updated inside backward by row optimizers of
     the same kind (fused.py) and the torch optimizer gets every other parameter. The
     embedding's rows (`decayed_parameters`) get `embedding_weight_decay` (with `fused`, on
-    the rows a step touches only).
+    the rows a step touches, counting the steps each skipped: `RowOptimizer`).
     """
 
     def __init__(

@@ -226,8 +226,7 @@ class ManagedCollisionEmbedding(SlotTableEmbedding):
         fresh = torch.empty(rows.numel(), self.chunk_dim, device=self.weight.device, dtype=self.weight.dtype)
         self.weight[rows] = fresh.uniform_(-self.init_scale, self.init_scale, generator=generator)
         if self.row_optimizer is not None:
-            for state in self.row_optimizer.state.values():
-                state[rows] = 0
+            self.row_optimizer.reset_rows(rows)
 
     @classmethod
     def from_budget(
