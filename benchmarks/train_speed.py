@@ -4,7 +4,8 @@ The usual way (what a PyTorch user writes first): one `nn.EmbeddingBag` per feat
 `torch.optim.Adam` over everything (`usual_adam`), or the same tables with sparse gradients
 and `torch.optim.SparseAdam` (`usual_sparse_adam`, the usual way for big tables). Ours:
 `unified` with the fused row update (`--fused`), and `full` with it (the usual model's
-exact tables, updated the fast way).
+exact tables, updated the fast way). `unified` with dense Adam separates what hashing into
+one table costs in AUC from what the fused update costs.
 
 1. Criteo-shaped data (speed only, synthetic ids; criteo_shape.py): 26 features with the
    real Criteo Kaggle cardinalities, each feature's table capped at 2^20 rows by taking ids
@@ -163,6 +164,7 @@ def movielens_quality(data_dir: str, batch_size: int, seeds: list[int]) -> dict[
         "usual_adam": {"method": "usual_bags"},
         "full_fused": {"method": "full", "fused": True},
         "unified_fused_1x": {"method": "unified", "fused": True},
+        "unified_dense_adam_1x": {"method": "unified"},
     }
     results = {}
     for name, options in systems.items():
