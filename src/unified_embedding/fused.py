@@ -186,8 +186,9 @@ class RowOptimizer:
         return self.lr * math.sqrt(1 - beta2**self.steps) / (1 - beta1**self.steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "lr": self.lr, "eps": self.eps, "betas": self.betas, "weight_decay": self.weight_decay,
-                "steps": self.steps, "state": dict(self.state), "last_step": self.last_step}  # fmt: skip
+        return {"kind": self.kind, "lr": self.lr, "eps": self.eps, "betas": self.betas,
+                "weight_decay": self.weight_decay, "steps": self.steps, "state": dict(self.state),
+                "last_step": self.last_step}  # fmt: skip
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         if saved["kind"] != self.kind or set(saved["state"]) != set(self.state):
