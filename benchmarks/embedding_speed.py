@@ -15,8 +15,8 @@ update:
 - the row-wise Adagrad pair (`unified_rowwise`, `torchrec_rowwise`), whose state is 1/64 the size.
 
 Repetitions are interleaved (one forward, then later one step, of each system in turn), so
-drift and noise hit every system alike; the table reports the median and the interquartile range, and ratios to
-`eb_shared` from this one run. Peak RSS is measured per system in a fresh subprocess. The
+drift and noise hit every system alike; the table reports the median and the interquartile
+range, and ratios to `eb_shared` from this one run. Peak RSS is measured per system in a fresh subprocess. The
 memory-bandwidth floor is the bytes a step must move over this machine's measured copy
 bandwidth.
 

@@ -33,18 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unified_embedding.memory import zeros_on_huge_pages
-
-try:
-    from unified_embedding import _kernels as KERNELS
-except ImportError:  # built without a C compiler: the torch path does the same step
-    KERNELS = None
+from unified_embedding.native import KERNELS
 
 RowOptimizerKind = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
 ROW_OPTIMIZERS: tuple[str, ...] = get_args(RowOptimizerKind)
 
 #: Same defaults as torch.optim.Adagrad / SparseAdam, so fused and reference runs agree.
 _DEFAULT_EPS = {"sgd": 0.0, "adagrad": 1e-10, "rowwise_adagrad": 1e-10, "adam": 1e-8}
-_KERNEL_KIND = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
+_KERNEL_KIND = {kind: number for number, kind in enumerate(ROW_OPTIMIZERS)}  # the C enum, in this order
 _ROWS_PER_THREAD = 4096  # fewer rows than this per thread cost more to hand out than they save
 
 

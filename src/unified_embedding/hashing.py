@@ -24,10 +24,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-try:
-    from unified_embedding import _kernels as KERNELS
-except ImportError:  # built without a C compiler: the torch path below does the same
-    KERNELS = None
+from unified_embedding.native import KERNELS
 
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
@@ -108,9 +105,9 @@ def _kernel_plan(values: Tensor, setting: Tensor | int) -> tuple[np.ndarray, int
     per value, per row of a [slots, batch] matrix, or one for all. Anything else (other
     broadcasts, other devices or dtypes) takes the torch path, which gives the same bits.
     """
-    if KERNELS is None or values.device.type != "cpu" or values.dtype != torch.int64 or values.numel() == 0:
+    if KERNELS is None or values.device.type != "cpu" or values.dtype != torch.int64:
         return None
-    if not values.is_contiguous():
+    if values.numel() == 0 or not values.is_contiguous():
         return None
     if isinstance(setting, int):
         return np.array([setting], dtype=np.int64), values.numel()

@@ -14,12 +14,12 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
-
-#include "../splitmix64.h"
 #include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
+
+#include "../splitmix64.h"
 
 enum { SKIP = 0, LABEL = 1, DENSE = 2, CATEGORICAL = 3 };
 
