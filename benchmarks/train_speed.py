@@ -225,5 +225,6 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
+
 if __name__ == "__main__":
     main()

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import DATA_DIR as DATA
 from pyarrow import csv
 
 from unified_embedding.data import BadInputError, delimited, load_dataset
 from unified_embedding.data.lines import LineTracker
 from unified_embedding.hashing import hash_bytes
 
-from conftest import DATA_DIR as DATA
 INT64_MAX = str(2**63 - 1).encode()
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR as DATA
 
 from unified_embedding.batch import Batch
 from unified_embedding.data import BatchLoader, CTRData, load_dataset, split_indices, vocabularies
 from unified_embedding.features import FeatureKind, FeatureSet, FeatureSpec
-
-from conftest import DATA_DIR as DATA
 
 
 @pytest.fixture(scope="module")

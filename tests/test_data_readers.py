@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA_DIR as DATA
 
 from unified_embedding.data import DATASETS, CTRData, delimited, load_dataset, resolve_data_dir
 from unified_embedding.data.delimited import DelimitedReader
@@ -16,7 +17,6 @@ from unified_embedding.data.movielens import MovieLens1m, MovieLens100k
 from unified_embedding.features import FeatureKind, Pooling
 from unified_embedding.hashing import hash_bytes
 
-from conftest import DATA_DIR as DATA
 CRITEO = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 AVAZU = [
     "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain", "app_category",

@@ -17,14 +17,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR as DATA
 
 from unified_embedding.data import download as dl
 from unified_embedding.data.download import DOWNLOADS, MANUAL_ONLY, Download, DownloadError, download
 
-from conftest import DATA_DIR as DATA
 ML100K_FILES = ["u.data", "u.user", "u.item", "u.genre", "u.occupation", "u.info", "README"]
-ML1M_FILES = {"ratings.dat": "ratings_sample100k.dat", "users.dat": "users.dat", "movies.dat": "movies.dat",
-              "README": "README"}
+ML1M_FILES = {
+    "ratings.dat": "ratings_sample100k.dat",
+    "users.dat": "users.dat",
+    "movies.dat": "movies.dat",
+    "README": "README",
+}
 DEAD_URL = "http://127.0.0.1:1/nowhere"  # port 1: connection refused at once
 
 
@@ -48,7 +52,7 @@ def _tree(root: Path) -> list[str]:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
+    def log_message(self, format, *args):
         pass
 
 
@@ -118,8 +122,9 @@ def test_parse_checksum():
 def test_download_movielens_100k_layout_is_byte_identical(served, tmp_path, capsys):
     root, base = served
     data_dir = tmp_path / "data"
-    paths = download("movielens-100k", data_dir, base_url=base,
-                     checksum="sha256:" + _sha256(root / "ml-100k.zip"), progress=True)
+    paths = download(
+        "movielens-100k", data_dir, base_url=base, checksum="sha256:" + _sha256(root / "ml-100k.zip"), progress=True
+    )
     folder = data_dir / "movielens-100k"
     assert paths == [folder / name for name in ML100K_FILES]
     for name in ML100K_FILES:
@@ -131,8 +136,7 @@ def test_download_movielens_100k_layout_is_byte_identical(served, tmp_path, caps
 
 def test_download_movielens_1m_with_md5_and_alias(served, tmp_path):
     root, base = served
-    paths = download("ml-1m", tmp_path, base_url=base + "/", checksum="md5:" + _md5(root / "ml-1m.zip"),
-                     progress=False)
+    paths = download("ml-1m", tmp_path, base_url=base + "/", checksum="md5:" + _md5(root / "ml-1m.zip"), progress=False)
     folder = tmp_path / "movielens-1m"
     assert sorted(p.name for p in paths) == sorted(ML1M_FILES)
     for target, source in ML1M_FILES.items():
@@ -152,8 +156,9 @@ def test_criteo_tar_gz_extracts_only_train_txt(served, tmp_path):
             tf.addfile(info, io.BytesIO(text))
     payload = buf.getvalue()
     base = _serve_as(served, "criteo-ok", DOWNLOADS["criteo"].filename, payload)
-    paths = download("criteo", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(),
-                     progress=False)
+    paths = download(
+        "criteo", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(), progress=False
+    )
     assert paths == [tmp_path / "criteo" / "train.txt"]
     assert paths[0].read_bytes() == sample.read_bytes()
     assert _tree(tmp_path) == ["criteo", "criteo/train.txt"]
@@ -161,8 +166,9 @@ def test_criteo_tar_gz_extracts_only_train_txt(served, tmp_path):
 
 def test_already_present_is_a_noop(served, tmp_path, capsys):
     root, base = served
-    download("movielens-100k", tmp_path, base_url=base, checksum="sha256:" + _sha256(root / "ml-100k.zip"),
-             progress=False)
+    download(
+        "movielens-100k", tmp_path, base_url=base, checksum="sha256:" + _sha256(root / "ml-100k.zip"), progress=False
+    )
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "movielens-100k").iterdir()}
     capsys.readouterr()
     # a dead mirror proves nothing is fetched
@@ -196,7 +202,7 @@ def test_wrong_checksum_raises_and_leaves_nothing(served, tmp_path):
 
 def test_stored_checksum_is_checked_by_default(served, tmp_path):
     # The test archive is not the official one, so the stored official digest must reject it.
-    root, base = served
+    _, base = served
     (tmp_path / "movielens-100k").mkdir()  # an existing folder stays, but stays empty
     with pytest.raises(DownloadError) as err:
         download("movielens-100k", tmp_path, base_url=base, progress=False)
@@ -233,8 +239,13 @@ def test_zip_path_traversal_is_refused(served, tmp_path, evil):
     base = _serve_as(served, "evil-zip", "ml-100k.zip", payload)
     data_dir = tmp_path / "deep" / "data"
     with pytest.raises(DownloadError, match="path traversal"):
-        download("movielens-100k", data_dir, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(),
-                 progress=False)
+        download(
+            "movielens-100k",
+            data_dir,
+            base_url=base,
+            checksum="md5:" + hashlib.md5(payload).hexdigest(),
+            progress=False,
+        )
     assert _tree(tmp_path) == []
 
 
@@ -254,19 +265,25 @@ def test_tar_traversal_and_links_are_refused(served, tmp_path, kind):
     payload = buf.getvalue()
     base = _serve_as(served, f"evil-tar-{kind}", DOWNLOADS["criteo"].filename, payload)
     with pytest.raises(DownloadError, match="refusing archive"):
-        download("criteo", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(),
-                 progress=False)
+        download(
+            "criteo", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(), progress=False
+        )
     assert _tree(tmp_path) == []
 
 
 def test_corrupt_archive_raises_and_leaves_nothing(served, tmp_path):
     root, _ = served
     good = (root / "ml-100k.zip").read_bytes()
-    payload = good[: len(good) // 2] + bytes(64) + good[len(good) // 2 + 64:]  # damaged data, intact directory
+    payload = good[: len(good) // 2] + bytes(64) + good[len(good) // 2 + 64 :]  # damaged data, intact directory
     base = _serve_as(served, "corrupt", "ml-100k.zip", payload)
     with pytest.raises(DownloadError) as err:
-        download("movielens-100k", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(),
-                 progress=False)
+        download(
+            "movielens-100k",
+            tmp_path,
+            base_url=base,
+            checksum="sha256:" + hashlib.sha256(payload).hexdigest(),
+            progress=False,
+        )
     assert f"{base}/ml-100k.zip" in str(err.value) and "corrupt archive" in str(err.value)
     assert _tree(tmp_path) == []
 
@@ -275,8 +292,9 @@ def test_garbage_file_is_not_an_archive(served, tmp_path):
     payload = b"<html>not a zip</html>\n" * 10
     base = _serve_as(served, "garbage", "ml-1m.zip", payload)
     with pytest.raises(DownloadError, match="corrupt archive"):
-        download("movielens-1m", tmp_path, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(),
-                 progress=False)
+        download(
+            "movielens-1m", tmp_path, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(), progress=False
+        )
     assert _tree(tmp_path) == []
 
 
@@ -287,15 +305,19 @@ def test_missing_member_is_an_error(served, tmp_path):
     payload = buf.getvalue()
     base = _serve_as(served, "incomplete", "ml-1m.zip", payload)
     with pytest.raises(DownloadError, match="users.dat"):
-        download("movielens-1m", tmp_path, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(),
-                 progress=False)
+        download(
+            "movielens-1m", tmp_path, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(), progress=False
+        )
     assert _tree(tmp_path) == []
 
 
-@pytest.mark.parametrize("name, hint, files", [
-    ("frappe", "hexiangnan/neural_factorization_machine", "frappe.train.libfm"),
-    ("avazu", "kaggle.com/c/avazu-ctr-prediction", "train.csv"),
-])
+@pytest.mark.parametrize(
+    "name, hint, files",
+    [
+        ("frappe", "hexiangnan/neural_factorization_machine", "frappe.train.libfm"),
+        ("avazu", "kaggle.com/c/avazu-ctr-prediction", "train.csv"),
+    ],
+)
 def test_manual_only_datasets_are_refused_with_instructions(tmp_path, name, hint, files):
     with pytest.raises(DownloadError) as err:
         download(name, tmp_path, progress=False)

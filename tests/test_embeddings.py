@@ -46,7 +46,9 @@ WITH_STATE = {"zch"}
 
 def make_batch(batch_size: int = 6, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    genres = [torch.randint(0, 18, (int(n),), generator=g).tolist() for n in torch.randint(0, 4, (batch_size,), generator=g)]
+    genres = [
+        torch.randint(0, 18, (int(n),), generator=g).tolist() for n in torch.randint(0, 4, (batch_size,), generator=g)
+    ]
     return Batch.from_ids(
         {
             "user": torch.randint(0, 500, (batch_size,), generator=g) * 7,
@@ -123,7 +125,7 @@ def test_mean_pooling_and_empty_lists():
     batch = Batch.from_ids({"user": [[7]] * 2, "item": [[10_000]] * 2, "genres": [[1, 2, 5], []], "gender": [[11]] * 2})
     out = ue(batch)
     genres = ue.feature_slices()["genres"]
-    rows, bag_offsets, slot_of = ue.slot_rows(batch)
+    rows, _, slot_of = ue.slot_rows(batch)
     genre_rows = rows[slot_of == 2]
     assert torch.allclose(out[0, genres], ue.weight[genre_rows].mean(0))
     assert torch.equal(out[1, genres], torch.zeros(4))
@@ -141,14 +143,24 @@ def test_sum_pooling_for_multivalent_sum_features():
 def test_full_is_collisionless_with_one_oov_row_per_feature():
     full = FullEmbedding(FEATURES, VOCABULARIES, dim=4)
     assert full.num_parameters() == 4 * sum(len(v) + 1 for v in VOCABULARIES.values())
-    batch = Batch.from_ids({"user": [[0], [7], [1], [3]], "item": [[10_000]] * 4, "genres": [[0]] * 4, "gender": [[11]] * 4})
+    batch = Batch.from_ids(
+        {"user": [[0], [7], [1], [3]], "item": [[10_000]] * 4, "genres": [[0]] * 4, "gender": [[11]] * 4}
+    )
     rows, _, slot_of = full.slot_rows(batch)
     user_rows = rows[slot_of == 0].tolist()
     assert user_rows[0] != user_rows[1]  # two known users, two rows
     assert user_rows[2] == user_rows[3] == 500  # unseen users share the OOV row (index V)
     all_known = torch.arange(500) * 7
-    known_rows = full.slot_rows(Batch.from_ids({"user": all_known, "item": torch.full((500,), 10_000),
-                                                "genres": [[0]] * 500, "gender": torch.full((500,), 11)}))[0][:500]
+    known_rows = full.slot_rows(
+        Batch.from_ids(
+            {
+                "user": all_known,
+                "item": torch.full((500,), 10_000),
+                "genres": [[0]] * 500,
+                "gender": torch.full((500,), 11),
+            }
+        )
+    )[0][:500]
     assert sorted(known_rows.tolist()) == list(range(500))
 
 
@@ -177,8 +189,14 @@ def test_multiplexed_shares_one_table_across_features():
     assert method.num_parameters() == 32
     assert method.out_dims == {"user": 4, "item": 4, "genres": 4, "gender": 4}
     # the same value id under two features reads (almost always) different rows: salts differ
-    batch = Batch.from_ids({"user": torch.arange(1000), "item": torch.arange(1000),
-                            "genres": [[0]] * 1000, "gender": torch.zeros(1000, dtype=torch.int64)})
+    batch = Batch.from_ids(
+        {
+            "user": torch.arange(1000),
+            "item": torch.arange(1000),
+            "genres": [[0]] * 1000,
+            "gender": torch.zeros(1000, dtype=torch.int64),
+        }
+    )
     big = MultiplexedEmbedding(FEATURES, num_rows=100_000, dim=4)
     rows, _, slot_of = big.slot_rows(batch)
     assert float((rows[slot_of == 0] == rows[slot_of == 1]).double().mean()) < 0.01
@@ -189,7 +207,9 @@ def test_collisionless_opt_out_gets_exact_rows_after_the_shared_table():
     vocab = {"gender": np.array([11, 22])}
     ue = UnifiedEmbedding.from_budget(features, 1000, chunk_dim=8, probes=2, vocabularies=vocab)
     assert ue.num_parameters() <= 1000 and ue.num_rows == (1000 - 3 * 2 * 8) // 8
-    rows, _, slot_of = ue.slot_rows(Batch.from_ids({"user": torch.tensor([1, 2, 3]), "gender": torch.tensor([11, 22, 33])}))
+    rows, _, slot_of = ue.slot_rows(
+        Batch.from_ids({"user": torch.tensor([1, 2, 3]), "gender": torch.tensor([11, 22, 33])})
+    )
     gender_rows = rows[slot_of >= 2].tolist()
     assert min(gender_rows) >= ue.num_rows
     assert len(set(gender_rows)) == 6  # 2 probes x (2 known + 1 OOV)
@@ -205,7 +225,9 @@ def test_feature_order_of_the_batch_does_not_matter():
     batch = make_batch()
     ids = {k: batch.ids(k) for k in ("gender", "user", "item")}
     reordered = Batch.from_ids({**ids, "genres": [[] for _ in range(6)]})
-    plain = Batch.from_ids({"user": ids["user"], "item": ids["item"], "genres": [[] for _ in range(6)], "gender": ids["gender"]})
+    plain = Batch.from_ids(
+        {"user": ids["user"], "item": ids["item"], "genres": [[] for _ in range(6)], "gender": ids["gender"]}
+    )
     assert torch.equal(ue(reordered), ue(plain))
 
 

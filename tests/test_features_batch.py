@@ -62,4 +62,6 @@ def test_kjt_round_trip_when_torchrec_is_installed():
     batch = Batch.from_ids({"a": torch.tensor([5, 6]), "b": [[1, 2], []]})
     kjt = batch.to_kjt()
     back = Batch.from_kjt(kjt, batch.dense)
-    assert back.keys == batch.keys and torch.equal(back.values, batch.values) and torch.equal(back.lengths, batch.lengths)
+    assert (
+        back.keys == batch.keys and torch.equal(back.values, batch.values) and torch.equal(back.lengths, batch.lengths)
+    )

@@ -226,8 +226,8 @@ def test_dcnv2_stacked_and_parallel_differ_in_structure():
     for structure in ("stacked", "parallel"):
         model = build_model("dcnv2", UNEQUAL, 2, structure=structure, hidden=[32, 16]).eval()
         seen = {}
-        model.mlp.register_forward_hook(lambda m, inp, out: seen.__setitem__("mlp_in", inp[0]))
-        model.head.register_forward_hook(lambda m, inp, out: seen.__setitem__("head_in", inp[0]))
+        model.mlp.register_forward_hook(lambda m, inp, out, seen=seen: seen.__setitem__("mlp_in", inp[0]))
+        model.head.register_forward_hook(lambda m, inp, out, seen=seen: seen.__setitem__("head_in", inp[0]))
         with torch.no_grad():
             model(emb, dense)
             cross = model.cross(x0)

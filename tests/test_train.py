@@ -101,7 +101,7 @@ def test_sigkill_mid_epoch_then_resume_finishes(data_dir, tmp_path):
     assert not output.exists()  # killed before finishing
     saved = checkpoint.load(ckpt)  # whatever instant the kill hit, the checkpoint is whole
     assert saved["state"]["batch"] % 20 == 0 or saved["state"]["batch"] == 0
-    finished = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    finished = subprocess.run([*command, "--resume"], capture_output=True, text=True, check=False)
     assert finished.returncode == 0, finished.stderr
     run = json.loads(output.read_text())
     assert run["epochs_run"] == 2 and 0.6 < run["test_auc"] < 1

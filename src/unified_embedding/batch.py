@@ -28,9 +28,13 @@ class Batch:
     def __post_init__(self) -> None:
         self.keys = tuple(self.keys)
         if self.values.dtype != torch.int64 or self.values.dim() != 1:
-            raise ValueError(f"Batch.values must be a 1-D int64 tensor, got {self.values.dtype} {tuple(self.values.shape)}")
+            raise ValueError(
+                f"Batch.values must be a 1-D int64 tensor, got {self.values.dtype} {tuple(self.values.shape)}"
+            )
         if self.dense.dim() != 2 or not self.dense.is_floating_point():
-            raise ValueError(f"Batch.dense must be a 2-D float tensor [B, D], got {self.dense.dtype} {tuple(self.dense.shape)}")
+            raise ValueError(
+                f"Batch.dense must be a 2-D float tensor [B, D], got {self.dense.dtype} {tuple(self.dense.shape)}"
+            )
         batch_size = self.dense.shape[0]
         if self.lengths.dim() != 1 or self.lengths.numel() != len(self.keys) * batch_size:
             raise ValueError(
@@ -38,7 +42,9 @@ class Batch:
                 f"got {self.lengths.numel()}"
             )
         if int(self.lengths.sum()) != self.values.numel():
-            raise ValueError(f"Batch.lengths sum to {int(self.lengths.sum())} but there are {self.values.numel()} values")
+            raise ValueError(
+                f"Batch.lengths sum to {int(self.lengths.sum())} but there are {self.values.numel()} values"
+            )
         if self.labels is not None and self.labels.shape != (batch_size,):
             raise ValueError(f"Batch.labels must have shape [{batch_size}], got {tuple(self.labels.shape)}")
 

@@ -63,7 +63,9 @@ class FeatureSpec:
             if value < minimum:
                 raise FeatureError(f"feature {self.name!r}: {field} must be >= {minimum}, got {value}")
         if self.kind is FeatureKind.DENSE and (self.probes or self.dim or self.collisionless):
-            raise FeatureError(f"feature {self.name!r} is dense: probes, dim and collisionless apply to id features only")
+            raise FeatureError(
+                f"feature {self.name!r} is dense: probes, dim and collisionless apply to id features only"
+            )
         if self.kind is not FeatureKind.MULTIVALENT and self.pooling is not Pooling.SUM:
             raise FeatureError(f"feature {self.name!r}: pooling applies to multivalent features only")
 

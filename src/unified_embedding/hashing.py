@@ -155,7 +155,8 @@ def hash_bytes(array: pa.Array | pa.ChunkedArray | list) -> np.ndarray:
 def _hash_unique(array: pa.Array) -> np.ndarray:
     offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
     buffers = array.buffers()
-    offsets = np.frombuffer(buffers[1], dtype=offset_type)[array.offset : array.offset + len(array) + 1].astype(np.int64)
+    all_offsets = np.frombuffer(buffers[1], dtype=offset_type)
+    offsets = all_offsets[array.offset : array.offset + len(array) + 1].astype(np.int64)
     data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
     lengths = np.diff(offsets)
     first = int(offsets[0])

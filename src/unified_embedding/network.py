@@ -20,7 +20,7 @@ class CTRNetwork(nn.Module):
         self.model = model
 
     @classmethod
-    def build(cls, embedding: EmbeddingMethod, model: str, **model_options) -> "CTRNetwork":
+    def build(cls, embedding: EmbeddingMethod, model: str, **model_options) -> CTRNetwork:
         num_dense = len(embedding.features.dense)
         return cls(embedding, build_model(model, list(embedding.out_dims.values()), num_dense, **model_options))
 

@@ -22,11 +22,11 @@ __all__ = [
     "ConfigError",
     "DatasetInfo",
     "Split",
+    "ids_by_frequency",
     "load_config",
     "load_dataset",
     "resolve_cache_dir",
     "resolve_data_dir",
     "split_indices",
-    "ids_by_frequency",
     "vocabularies",
 ]

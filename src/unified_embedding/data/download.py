@@ -51,9 +51,10 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 __all__ = [
     "DOWNLOADS",
@@ -226,10 +227,17 @@ def _fetch(url: str, dest: BinaryIO, folder: Path, *, progress: bool, desc: str)
         if total is not None:
             free = shutil.disk_usage(folder).free
             if free < total:
-                raise DownloadError(f"not enough disk space for {url}: {total:,} bytes needed, {free:,} free in {folder}")
+                raise DownloadError(
+                    f"not enough disk space for {url}: {total:,} bytes needed, {free:,} free in {folder}"
+                )
         received = 0
         with tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress,
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=desc,
+            disable=not progress,
             leave=False,
         ) as bar:
             while chunk := response.read(_CHUNK):
@@ -312,9 +320,12 @@ def _match_members(spec: Download, names: Iterable[str], url: str) -> dict[str, 
 def _copy_stream(src: BinaryIO, dest_path: Path, *, size: int | None, progress: bool, desc: str) -> None:
     from tqdm.auto import tqdm
 
-    with open(dest_path, "xb") as out, tqdm(
-        total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress, leave=False
-    ) as bar:
+    with (
+        open(dest_path, "xb") as out,
+        tqdm(
+            total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress, leave=False
+        ) as bar,
+    ):
         while chunk := src.read(_CHUNK):
             out.write(chunk)
             bar.update(len(chunk))
@@ -394,8 +405,15 @@ def _extract(archive: Path, spec: Download, url: str, out_dir: Path, progress: b
             raise DownloadError(f"corrupt archive from {url}: neither a zip nor a tar file")
     except DownloadError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error,
-            ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        tarfile.TarError,
+        gzip.BadGzipFile,
+        EOFError,
+        zlib.error,
+        ValueError,
+    ) as exc:
         raise DownloadError(f"corrupt archive from {url}: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         # disk full, permissions, ...

@@ -175,7 +175,6 @@ def as_tensor(ids: np.ndarray | Tensor) -> Tensor:
     return ids if isinstance(ids, Tensor) else torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
 
 
-
 def resolve_budget(budget: str | int, reference: int) -> int:
     """Parameters for a budget given as a count ("250000", "2.5e5") or a multiple ("0.25x") of `reference`.
 
@@ -186,7 +185,9 @@ def resolve_budget(budget: str | int, reference: int) -> int:
     try:
         value = float(text[:-1]) * reference if text.endswith("x") else float(text)
     except ValueError:
-        raise BudgetError(f"budget must be a parameter count like 250000 or a multiple like 0.25x, got {budget!r}") from None
-    if not value >= 1 or value != value or value == float("inf"):
+        raise BudgetError(
+            f"budget must be a parameter count like 250000 or a multiple like 0.25x, got {budget!r}"
+        ) from None
+    if not 1 <= value < float("inf"):  # also refuses NaN
         raise BudgetError(f"budget {budget!r} is {value:g} parameters; it must be at least 1")
     return int(value)

@@ -67,4 +67,3 @@ class HashingTrickEmbedding(SlotTableEmbedding):
                 rows[name] += 1
                 left -= widths[name]
         return cls(features, rows, dim=dim, **options)
-

@@ -61,9 +61,7 @@ class Slot:
     vocabulary: bool
 
 
-def feature_region(
-    feature: str, base: int, size: int, chunks: int, *, vocabulary: bool
-) -> tuple[list[Slot], int]:
+def feature_region(feature: str, base: int, size: int, chunks: int, *, vocabulary: bool) -> tuple[list[Slot], int]:
     """Slots of a feature that owns `size` wide rows of `chunks` chunks each, from row `base`.
 
     All chunks of a wide row share one salt, so they move together: chunk j of index r is

@@ -64,14 +64,14 @@ def build_model(name: str, feature_dims: Sequence[int], num_dense: int, **hparam
 
 
 __all__ = [
+    "DLRM",
+    "FM",
+    "LR",
     "MODELS",
     "CTRModel",
     "DCNv2",
-    "DLRM",
     "DeepFM",
     "DenseField",
-    "FM",
-    "LR",
     "MLPModel",
     "build_model",
     "model_hparams",
