@@ -125,11 +125,27 @@ def test_report_has_tables_frontier_verdicts_and_plots(swept, tmp_path):
     assert "on the frontier" in text and "Against `hashing`:" in text and "Against the best other method" in text
     assert "Trained on the first 2,000 rows" in text
     assert "decompose" in text and "decomposition.png" in text
+    assert "| unified | 0.1x | 0 |" in text  # one decomposition row per seed, the seed named
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["movielens-100k_auc_vs_params.png", "movielens-100k_decomposition.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
         assert f"]({name})" in text
+
+
+def test_a_report_of_some_datasets_names_only_their_sweeps(swept, tmp_path, data_dir):
+    movielens, swept_results, _ = swept
+    results = tmp_path / "results.db"
+    with ResultStore(swept_results) as store:
+        store.conn.execute("VACUUM INTO ?", (str(results),))
+    frappe = tiny_spec(data_dir, datasets=["frappe"], methods=["hashing"], budgets=["1x"])
+    run_sweep(frappe, results, progress=False)
+    only_frappe = write_report(results, tmp_path / "frappe", datasets=["frappe"]).read_text()
+    assert describe_command(frappe, results) in only_frappe
+    recorded = describe_command(movielens, swept_results)  # recorded with the database it was run on
+    assert recorded not in only_frappe and "## movielens-100k" not in only_frappe
+    both = write_report(results, tmp_path / "both").read_text()
+    assert describe_command(frappe, results) in both and recorded in both
 
 
 def test_refused_budgets_are_recorded_not_crashing_and_not_retried(data_dir, tmp_path, monkeypatch):

@@ -229,7 +229,8 @@ def load_sections(store: ResultStore, datasets: Sequence[str] | None = None) -> 
             if run["status"] == "finished":
                 cells[(_label(run), run["budget"])].append(run)
                 if run["fingerprint"] in decompositions:
-                    item = {"method": _label(run), "budget": run["budget"], "budget_params": run["budget_params"]}
+                    item = {"method": _label(run), "budget": run["budget"], "budget_params": run["budget_params"],
+                            "seed": run["seed"]}  # fmt: skip
                     section.decompositions.append(item | {"data": decompositions[run["fingerprint"]]})
             elif run["status"] == "refused":
                 section.refused.append(run)
@@ -381,16 +382,16 @@ def _decomposition_lines(section: Section, out: Path) -> list[str]:
         ),
         "",
         (
-            "| method | budget | shared rows | features per shared row | dominant share (even split) "
+            "| method | budget | seed | shared rows | features per shared row | dominant share (even split) "
             "| projection \\|cos\\| (random) | readout similarity (random) | subspace overlap (random) |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    items.sort(key=lambda d: (d["method"], d["budget_params"]))
+    items.sort(key=lambda d: (d["method"], d["budget_params"], d["seed"]))
     for d in items:
         s = defaultdict(lambda: math.nan, d["data"]["summary"])
         lines.append(
-            f"| {d['method']} | {d['budget']} | {s['shared_rows']:,} of {s['table_rows']:,} | {s['mean_tenants']:.2f} "
+            f"| {d['method']} | {d['budget']} | {d['seed']} | {s['shared_rows']:,} of {s['table_rows']:,} | {s['mean_tenants']:.2f} "
             f"| {s['mean_dominant_share']:.3f} ({s['even_split_share']:.3f}) "
             f"| {s['mean_projection_cosine']:.3f} ({s['mean_projection_cosine_random']:.3f}) "
             f"| {s['mean_readout_similarity']:.3f} ({s['mean_readout_similarity_random']:.3f}) "
@@ -467,8 +468,13 @@ def write_report(
     with ResultStore(results) as store:
         sections = load_sections(store, datasets)
         streams = stream_sections(store, datasets)
-        sweeps = store.sweeps()
-        finished = store.runs(status="finished")
+        reported = {s.dataset for s in sections} | {s.dataset for s in streams}
+        # the sweeps that ran runs of the reported datasets, and only those runs' versions
+        sweeps = [
+            s for s in store.sweeps()
+            if reported & set(s["spec"]["datasets"]) and s["finished"] + s["refused"] + s["failed"]
+        ]  # fmt: skip
+        finished = [r for r in store.runs(status="finished") if r["dataset"] in reported]
     if not sections and not streams:
         raise ValueError(f"{results} holds no runs" + (f" for datasets {', '.join(datasets)}" if datasets else ""))
     dataset_notes = _read_notes(notes)
