@@ -148,6 +148,22 @@ def test_a_report_of_some_datasets_names_only_their_sweeps(swept, tmp_path, data
     assert describe_command(frappe, results) in both and recorded in both
 
 
+def test_a_sweep_in_two_workers_gives_the_results_of_one_process(swept, tmp_path):
+    spec, sequential, _ = swept
+    results = tmp_path / "parallel.db"
+    summary = run_sweep(spec, results, progress=False, jobs=2, threads=1)
+    assert (summary.finished, summary.failed, summary.jobs) == (4, 0, 2)
+    with ResultStore(sequential) as store:
+        expected = {r["fingerprint"]: (r["val_auc"], r["test_auc"], r["test_logloss"]) for r in store.runs()}
+        expected_decompositions = store.decompositions()
+    with ResultStore(results) as store:
+        assert {r["fingerprint"]: (r["val_auc"], r["test_auc"], r["test_logloss"]) for r in store.runs()} == expected
+        assert store.decompositions() == expected_decompositions
+        assert store.sweeps()[0]["command"].endswith("--jobs 2")
+    assert not list((tmp_path / "parallel.db.runs").glob("*.ckpt"))
+    assert run_sweep(spec, results, progress=False, jobs=2).skipped == 4
+
+
 def test_refused_budgets_are_recorded_not_crashing_and_not_retried(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "Trainer", CountingTrainer)
     CountingTrainer.calls, CountingTrainer.interrupt_at = [], None

@@ -108,6 +108,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run instead of recording it")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for small models on shared cores)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in a worker process with --threads threads (default 1)")  # fmt: skip
     p.add_argument(
         "--protocol",
         choices=["train", "stream"],
@@ -161,8 +163,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{len(todo)} of {len(configs)} runs to do")
         return 0
     summary = run_sweep(
-        spec, args.results, command=describe_command(spec, args.results), work_dir=args.work_dir,
+        spec, args.results, command=describe_command(spec, args.results, args.jobs), work_dir=args.work_dir,
         progress=not args.quiet, stop_on_error=args.stop_on_error, keep_models=args.keep_models, threads=args.threads,
+        jobs=args.jobs,
     )  # fmt: skip
     print(summary.line())
     print(

@@ -7,9 +7,10 @@ are compared in one sweep.
 
 `run_sweep(spec, results)` trains every run of the grid that the results database does not
 already hold as finished (or refused), records each outcome in one transaction as soon as
-it is known, and shows a progress bar over runs with the time left. A sweep killed at any
-point loses only the run in flight, and that run resumes from its last epoch checkpoint
-(kept under `work_dir` until the run is recorded). A method that cannot meet a budget is
+it is known, and shows a progress bar over runs with the time left. With `jobs` > 1 the
+runs train in that many worker processes (`bench.workers`) and this process alone writes
+the database. A sweep killed at any point loses only the runs in flight, and each resumes
+from its last epoch checkpoint (kept under `work_dir` until the run is recorded). A method that cannot meet a budget is
 recorded as ``refused`` with its `BudgetError` message; any other error of a run is recorded
 as ``failed`` (and retried by the next sweep) unless `stop_on_error`.
 """
@@ -21,7 +22,8 @@ import shlex
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from unified_embedding.bench.decomposition import decompose_saved
 from unified_embedding.bench.runs import RunConfig, make_config, train_config
 from unified_embedding.bench.store import ResultStore
+from unified_embedding.bench.workers import run_in_workers
 from unified_embedding.embeddings import METHODS, BudgetError, get_method
 from unified_embedding.stream import DEFAULT_STREAM_BATCH_SIZE, StreamConfig, StreamRunner
 from unified_embedding.train import TrainConfig, Trainer
@@ -140,12 +143,28 @@ class SweepSummary:
     failed: int = 0
     wall_seconds: float = 0.0
     sweep_id: int | None = None
+    jobs: int = 1
 
     def line(self) -> str:
         return (
             f"{self.planned} runs planned, {self.skipped} already done; this sweep: {self.finished} finished, "
             f"{self.refused} refused by their method, {self.failed} failed, in {self.wall_seconds:,.0f} s"
+            + (f" with {self.jobs} workers" if self.jobs > 1 else "")
         )
+
+
+Status = Literal["finished", "refused", "failed"]
+
+
+@dataclass
+class Outcome:
+    """What training one run gave, ready to record; made by `execute_run` in whichever process trained it."""
+
+    status: Status
+    wall_seconds: float
+    result: dict[str, Any] | None = None
+    decomposition: dict[str, Any] | None = None
+    message: str = ""  # the refusal, or the failure's traceback
 
 
 def run_sweep(
@@ -159,61 +178,65 @@ def run_sweep(
     stop_on_error: bool = False,
     keep_models: bool = False,
     threads: int | None = None,
+    jobs: int = 1,
 ) -> SweepSummary:
     """Run the runs of `spec` that `results` does not hold yet; see the module docstring.
 
     `command` is stored with the sweep (the report prints it); `work_dir` holds in-flight
     checkpoints (default: beside the database, ``<results>.runs/``); `keep_models` keeps each
     finished run's run.json and model there. `threads` sets torch's CPU threads for the sweep
-    (1 is much faster for small models on a machine whose cores are shared).
+    (1 is much faster for small models on a machine whose cores are shared; with `jobs` > 1
+    it is per worker and defaults to 1). Runs are seeded, so a run gives the same result in a
+    worker as in this process.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     configs = spec.configs()
     results = Path(results)
     work = Path(work_dir) if work_dir is not None else results.with_name(results.name + ".runs")
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _sweep(
-            configs, spec, results, work, started, command, progress, run_progress, stop_on_error, keep_models
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _sweep(
-    configs: list[RunConfig],
-    spec: SweepSpec,
-    results: Path,
-    work: Path,
-    started: float,
-    command: str | None,
-    progress: bool,
-    run_progress: bool,
-    stop_on_error: bool,
-    keep_models: bool,
-) -> SweepSummary:
     with ResultStore(results) as store:
         done = store.done_fingerprints()
         todo = [c for c in configs if c.fingerprint() not in done]
-        summary = SweepSummary(planned=len(configs), skipped=len(configs) - len(todo))
+        summary = SweepSummary(planned=len(configs), skipped=len(configs) - len(todo), jobs=jobs)
         summary.sweep_id = store.start_sweep(
-            command or describe_command(spec, results), spec.to_dict(), len(configs), summary.skipped
+            command or describe_command(spec, results, jobs), spec.to_dict(), len(configs), summary.skipped
         )
         counts: Counter[str] = Counter()
         status = "interrupted"
-        bar = tqdm(todo, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
-        try:
-            for config in bar:
+        bar = tqdm(total=len(todo), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+
+        def start(config: RunConfig) -> None:
+            store.mark_running(config, summary.sweep_id)
+            if jobs == 1:
                 train = train_config(config)
                 bar.set_postfix_str(f"{train.dataset} {train.method} {train.budget} seed {train.seed}", refresh=True)
-                outcome = _one_run(
-                    config, store, work, summary.sweep_id, spec, run_progress, stop_on_error, keep_models
-                )
-                counts[outcome] += 1
-                # so that a sweep killed outright still has its wall time up to its last run
-                store.end_sweep(summary.sweep_id, time.perf_counter() - started, counts, "running")
+
+        def finish(config: RunConfig, outcome: Outcome) -> None:
+            _record(store, config, outcome, summary.sweep_id, work, keep_models)
+            counts[outcome.status] += 1
+            bar.update(1)
+            # so that a sweep killed outright still has its wall time up to its last run
+            store.end_sweep(summary.sweep_id, time.perf_counter() - started, counts, "running")
+
+        def decomposed(config: RunConfig) -> bool:
+            return (
+                isinstance(config, TrainConfig) and config.method in spec.decompose
+                and config.seed == min(spec.seed_list())
+            )  # fmt: skip
+
+        try:
+            if jobs == 1:
+                with torch_threads(threads):
+                    for config in todo:
+                        start(config)
+                        finish(config, execute_run(config, work, decomposed(config), run_progress, stop_on_error))
+            else:
+                tasks = [(c, (c, work, decomposed(c), False, stop_on_error)) for c in todo]
+                run_in_workers(
+                    execute_run, tasks, jobs=jobs, threads=threads or 1, start=start, finish=finish,
+                    died=lambda config, message, seconds: finish(config, Outcome("failed", seconds, message=message)),
+                )  # fmt: skip
             status = "finished"
         finally:
             bar.close()
@@ -223,19 +246,24 @@ def _sweep(
     return summary
 
 
-def _one_run(
-    config: RunConfig,
-    store: ResultStore,
-    work: Path,
-    sweep_id: int,
-    spec: SweepSpec,
-    run_progress: bool,
-    stop_on_error: bool,
-    keep_models: bool,
-) -> str:
-    fingerprint = config.fingerprint()
-    output = work / f"{fingerprint}.json"
-    store.mark_running(config, sweep_id)
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` (None: unchanged) for the block."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def execute_run(config: RunConfig, work: Path, decompose: bool, run_progress: bool, stop_on_error: bool) -> Outcome:
+    """Train one run (resuming its checkpoint under `work`) and say how it went; writes no database.
+
+    Runs in the sweeping process or in a worker, so it returns everything the record needs.
+    """
+    output = work / f"{config.fingerprint()}.json"
     started = time.perf_counter()
     try:
         decomposition = None
@@ -243,26 +271,33 @@ def _one_run(
             result = StreamRunner(config, output, progress=run_progress).run(resume=True)
         else:
             result = Trainer(config, output, progress=run_progress).run(resume=True)
-        if isinstance(config, TrainConfig) and config.method in spec.decompose and config.seed == min(spec.seed_list()):
+        if decompose:
             decomposition = _decomposition(config, output.with_suffix(".pt"))
     except BudgetError as error:
-        store.record_refused(config, str(error), sweep_id=sweep_id)
-        _clean(output)
-        return "refused"
+        return Outcome("refused", time.perf_counter() - started, message=str(error))
     except Exception:
         if stop_on_error:
             raise
-        store.record_failed(
-            config, traceback.format_exc(), wall_seconds=time.perf_counter() - started, sweep_id=sweep_id
-        )
+        return Outcome("failed", time.perf_counter() - started, message=traceback.format_exc())
+    return Outcome("finished", time.perf_counter() - started, result, decomposition)
+
+
+def _record(
+    store: ResultStore, config: RunConfig, outcome: Outcome, sweep_id: int | None, work: Path, keep_models: bool
+) -> None:
+    """Write the outcome; only then drop the run's files, so that a kill in between loses no training."""
+    if outcome.status == "finished":
+        store.record_finished(config, outcome.result or {}, wall_seconds=outcome.wall_seconds, sweep_id=sweep_id,
+                              decomposition=outcome.decomposition)  # fmt: skip
+    elif outcome.status == "refused":
+        store.record_refused(config, outcome.message, sweep_id=sweep_id)
+    else:
+        store.record_failed(config, outcome.message, wall_seconds=outcome.wall_seconds, sweep_id=sweep_id)
         train = train_config(config)
         tqdm.write(f"bench: {train.dataset} {train.method} {train.budget} seed {train.seed} failed (recorded)")
-        return "failed"
-    store.record_finished(config, result, wall_seconds=time.perf_counter() - started, sweep_id=sweep_id,
-                          decomposition=decomposition)  # fmt: skip
-    if not keep_models:
-        _clean(output)
-    return "finished"
+        return  # a failed run keeps its checkpoint: the next sweep retries from it
+    if outcome.status == "refused" or not keep_models:
+        _clean(work / f"{config.fingerprint()}.json")
 
 
 def split_methods(text: str) -> list[str]:
@@ -310,7 +345,7 @@ def _clean(output: Path) -> None:
         output.with_suffix(suffix).unlink(missing_ok=True)
 
 
-def describe_command(spec: SweepSpec, results: str | Path) -> str:
+def describe_command(spec: SweepSpec, results: str | Path, jobs: int = 1) -> str:
     """The `ue bench` command line that runs `spec` (what the report prints as the exact command)."""
     args = ["ue", "bench", "--datasets", ",".join(spec.datasets)]
     methods = spec.methods if isinstance(spec.methods, str) else ",".join(spec.methods)
@@ -336,6 +371,8 @@ def describe_command(spec: SweepSpec, results: str | Path) -> str:
         args += ["--protocol", spec.protocol, "--window", str(spec.window), "--warmup", str(spec.warmup)]
     if list(spec.decompose) != list(DECOMPOSED):
         args += ["--decompose", ",".join(spec.decompose) or "none"]
+    if jobs > 1:  # not a result's setting, but the wall time the report prints depends on it
+        args += ["--jobs", str(jobs)]
     return shlex.join(args)
 
 

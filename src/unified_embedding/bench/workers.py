@@ -1,0 +1,100 @@
+"""Runs of a sweep trained in worker processes, at most `jobs` at a time.
+
+Each run gets a fresh process (spawned, so no torch state is shared with the parent), which
+sends back the run's outcome through a pipe. The parent alone writes the results database,
+so SQLite sees one writer however many workers train. A worker that dies without an answer
+(killed, out of memory, a crash in native code) becomes a failed run, not a failed sweep. A
+worker stops itself within a second of its parent dying, so a killed sweep leaves no runs
+training on behind the one that resumes it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch
+
+#: How often a worker checks that its parent is alive, in seconds.
+PARENT_POLL_SECONDS = 1.0
+
+
+def run_in_workers(
+    function: Callable[..., Any],
+    tasks: Sequence[tuple[Any, tuple]],
+    *,
+    jobs: int,
+    threads: int,
+    start: Callable[[Any], None],
+    finish: Callable[[Any, Any], None],
+    died: Callable[[Any, str, float], None],
+) -> None:
+    """Call `function(*args)` for each `(key, args)` task in a worker, `jobs` at a time.
+
+    `start(key)` runs here as a task's worker starts and `finish(key, value)` when it answers;
+    `died(key, message, seconds)` when it exits without answering. A task that raises in its
+    worker is re-raised here as `WorkerError` with the worker's traceback, after the other
+    workers are stopped. Workers use `threads` torch threads each.
+    """
+    context = multiprocessing.get_context("spawn")
+    queue = list(tasks)[::-1]
+    running: dict[Connection, tuple[Any, BaseProcess, float]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                key, args = queue.pop()
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(sender, function, args, threads, os.getpid()))
+                start(key)
+                process.start()
+                sender.close()  # the worker now holds the only sending end: its death closes the pipe
+                running[receiver] = (key, process, time.perf_counter())
+            for receiver in wait(list(running)):
+                key, process, started = running.pop(receiver)
+                try:
+                    ok, value = receiver.recv()
+                except EOFError:
+                    ok, value = None, None
+                finally:
+                    receiver.close()
+                    process.join()
+                if ok is None:
+                    seconds = time.perf_counter() - started
+                    died(key, f"the worker training it exited with code {process.exitcode}", seconds)
+                elif not ok:
+                    raise WorkerError(value)
+                else:
+                    finish(key, value)
+    finally:
+        for receiver, (_, process, _) in running.items():
+            process.terminate()
+            process.join()
+            receiver.close()
+
+
+class WorkerError(RuntimeError):
+    """A task raised in its worker; the message is the worker's traceback."""
+
+
+def _worker(sender: Connection, function: Callable[..., Any], args: tuple, threads: int, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(threads)
+    try:
+        answer = (True, function(*args))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent, which decides
+        answer = (False, traceback.format_exc())
+    sender.send(answer)
+    sender.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
