@@ -10,9 +10,10 @@ already hold as finished (or refused), records each outcome in one transaction a
 it is known, and shows a progress bar over runs with the time left. With `jobs` > 1 the
 runs train in that many worker processes (`bench.workers`) and this process alone writes
 the database. A sweep killed at any point loses only the runs in flight, and each resumes
-from its last epoch checkpoint (kept under `work_dir` until the run is recorded). A method that cannot meet a budget is
-recorded as ``refused`` with its `BudgetError` message; any other error of a run is recorded
-as ``failed`` (and retried by the next sweep) unless `stop_on_error`.
+from its last epoch checkpoint (kept under `work_dir` until the run is recorded). A method
+that cannot meet a budget is recorded as ``refused`` with its `BudgetError` message; any
+other error of a run is recorded as ``failed`` (and retried by the next sweep) unless
+`stop_on_error`.
 """
 
 from __future__ import annotations
