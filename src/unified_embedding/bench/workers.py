@@ -4,8 +4,8 @@ Each run gets a fresh process (spawned, so no torch state is shared with the par
 sends back the run's outcome through a pipe. The parent alone writes the results database,
 so SQLite sees one writer however many workers train. A worker that dies without an answer
 (killed, out of memory, a crash in native code) becomes a failed run, not a failed sweep. A
-worker stops itself within a second of its parent dying, so a killed sweep leaves no runs
-training on behind the one that resumes it.
+worker checks once a second that its parent lives and stops when it does not, so a killed
+sweep leaves no runs training on behind the one that resumes it.
 """
 
 from __future__ import annotations
