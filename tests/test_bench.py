@@ -17,6 +17,7 @@ from unified_embedding.bench.inspect import inspect_collisions
 from unified_embedding.bench.report import Cell, dominated, frontier, write_report
 from unified_embedding.bench.runs import make_config
 from unified_embedding.bench.store import ResultStore
+from unified_embedding.bench.summary import seeds_text
 from unified_embedding.bench.sweep import SweepSpec, describe_command, run_sweep
 from unified_embedding.embeddings import METHODS
 from unified_embedding.train import Trainer, build_network, prepare
@@ -323,3 +324,8 @@ def test_a_stream_sweep_is_stored_resumable_and_reported(data_dir, tmp_path):
     assert "## Streaming" in report and "new-id AUC" in report and "`unified`" in report
     assert (tmp_path / "report" / "stream_movielens-100k_0.25x.png").stat().st_size > 10_000
     assert "--protocol stream --window 500" in describe_command(spec, results)
+
+
+def test_plot_titles_say_how_many_seeds_the_cells_have():
+    assert seeds_text([3, 3, 3]) == "3 seeds" and seeds_text([1]) == "1 seed"
+    assert seeds_text([1, 2, 1]) == "1-2 seeds"  # a sweep still filling in seeds says so

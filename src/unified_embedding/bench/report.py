@@ -31,7 +31,7 @@ from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.decomposition import plot_decomposition
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.stream_report import stream_lines, stream_sections
-from unified_embedding.bench.summary import format_stats, mean_std_se, method_label
+from unified_embedding.bench.summary import format_stats, mean_std_se, method_label, seeds_text
 
 PRODUCT = "unified"
 BASELINE = "hashing"
@@ -289,8 +289,8 @@ def plot_section(section: Section, path: str | Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("embedding parameters (log scale)")
     ax.set_ylabel("test AUC (mean ± 1 std over seeds)")
-    seeds = max((c.n for c in section.cells), default=0)
-    ax.set_title(f"{section.label}: test AUC vs embedding size ({section.setting.get('model', '?')}, {seeds} seed(s))")
+    seeds = seeds_text(c.n for c in section.cells)
+    ax.set_title(f"{section.label}: test AUC vs embedding size ({section.setting.get('model', '?')}, {seeds})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False, title="method")
     path = Path(path)

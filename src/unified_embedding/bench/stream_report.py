@@ -21,7 +21,7 @@ import numpy as np
 
 from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.store import ResultStore
-from unified_embedding.bench.summary import format_stats, mean_std_se, method_label
+from unified_embedding.bench.summary import format_stats, mean_std_se, method_label, seeds_text
 
 PRODUCT = "unified"
 #: the vocabulary baseline the claim is about: `full` as built, unseen ids on one OOV row
@@ -82,8 +82,8 @@ def plot_windows(section: StreamSection, path: Path) -> Path:
             ax.fill_between(x, mean - std, mean + std, color=method_colour(name), alpha=0.12)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("window AUC (mean over seeds, ±1 std shaded)")
-    seeds = max(len(r) for r in section.runs.values())
-    ax.set_title(f"{section.dataset}, budget {section.budget}: progressive validation per window ({seeds} seed(s))")
+    seeds = seeds_text(len(r) for r in section.runs.values())
+    ax.set_title(f"{section.dataset}, budget {section.budget}: progressive validation per window ({seeds})")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False, title="method")
     fig.autofmt_xdate()

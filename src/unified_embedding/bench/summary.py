@@ -35,3 +35,11 @@ def method_label(method: str, options: Mapping[str, Any] | None) -> str:
     if not options:
         return method
     return method + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+
+def seeds_text(counts: Iterable[int]) -> str:
+    """How many seeds the cells of a plot have: "3 seeds", "1 seed", or a range "1-2 seeds"."""
+    counts = list(counts)
+    low, high = (min(counts), max(counts)) if counts else (0, 0)
+    number = str(high) if low == high else f"{low}-{high}"
+    return f"{number} seed{'' if number == '1' else 's'}"
