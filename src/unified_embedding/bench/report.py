@@ -391,7 +391,8 @@ def _decomposition_lines(section: Section, out: Path) -> list[str]:
     for d in items:
         s = defaultdict(lambda: math.nan, d["data"]["summary"])
         lines.append(
-            f"| {d['method']} | {d['budget']} | {d['seed']} | {s['shared_rows']:,} of {s['table_rows']:,} | {s['mean_tenants']:.2f} "
+            f"| {d['method']} | {d['budget']} | {d['seed']} "
+            f"| {s['shared_rows']:,} of {s['table_rows']:,} | {s['mean_tenants']:.2f} "
             f"| {s['mean_dominant_share']:.3f} ({s['even_split_share']:.3f}) "
             f"| {s['mean_projection_cosine']:.3f} ({s['mean_projection_cosine_random']:.3f}) "
             f"| {s['mean_readout_similarity']:.3f} ({s['mean_readout_similarity_random']:.3f}) "
