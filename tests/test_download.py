@@ -83,13 +83,14 @@ def served(tmp_path_factory):
         thread.join(timeout=5)
 
 
-def _serve_as(served, subdir: str, filename: str, payload: bytes) -> str:
-    """Put payload at <mirror>/<subdir>/<filename>; return the base URL for that subdir."""
+def _serve(served, dataset: str, payload: bytes) -> tuple[str, str]:
+    """Serve `payload` as `dataset`'s archive; its base URL and the checksum that accepts it."""
     root, base = served
-    folder = root / subdir
+    digest = hashlib.sha256(payload).hexdigest()
+    folder = root / digest[:16]
     folder.mkdir(exist_ok=True)
-    (folder / filename).write_bytes(payload)
-    return f"{base}/{subdir}"
+    (folder / DOWNLOADS[dataset].filename).write_bytes(payload)
+    return f"{base}/{digest[:16]}", f"sha256:{digest}"
 
 
 # ------------------------------------------------------------------------------ registry
@@ -155,10 +156,8 @@ def test_criteo_tar_gz_extracts_only_train_txt(served, tmp_path):
             info.size = len(text)
             tf.addfile(info, io.BytesIO(text))
     payload = buf.getvalue()
-    base = _serve_as(served, "criteo-ok", DOWNLOADS["criteo"].filename, payload)
-    paths = download(
-        "criteo", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(), progress=False
-    )
+    base, checksum = _serve(served, "criteo", payload)
+    paths = download("criteo", tmp_path, base_url=base, checksum=checksum, progress=False)
     assert paths == [tmp_path / "criteo" / "train.txt"]
     assert paths[0].read_bytes() == sample.read_bytes()
     assert _tree(tmp_path) == ["criteo", "criteo/train.txt"]
@@ -236,16 +235,10 @@ def test_zip_path_traversal_is_refused(served, tmp_path, evil):
             zf.writestr(f"ml-100k/{name}", f"{name}\n")
         zf.writestr(zipfile.ZipInfo(evil), b"owned\n")
     payload = buf.getvalue()
-    base = _serve_as(served, "evil-zip", "ml-100k.zip", payload)
+    base, checksum = _serve(served, "movielens-100k", payload)
     data_dir = tmp_path / "deep" / "data"
     with pytest.raises(DownloadError, match="path traversal"):
-        download(
-            "movielens-100k",
-            data_dir,
-            base_url=base,
-            checksum="md5:" + hashlib.md5(payload).hexdigest(),
-            progress=False,
-        )
+        download("movielens-100k", data_dir, base_url=base, checksum=checksum, progress=False)
     assert _tree(tmp_path) == []
 
 
@@ -263,11 +256,9 @@ def test_tar_traversal_and_links_are_refused(served, tmp_path, kind):
             info.linkname = "/etc/passwd"
             tf.addfile(info)
     payload = buf.getvalue()
-    base = _serve_as(served, f"evil-tar-{kind}", DOWNLOADS["criteo"].filename, payload)
+    base, checksum = _serve(served, "criteo", payload)
     with pytest.raises(DownloadError, match="refusing archive"):
-        download(
-            "criteo", tmp_path, base_url=base, checksum="sha256:" + hashlib.sha256(payload).hexdigest(), progress=False
-        )
+        download("criteo", tmp_path, base_url=base, checksum=checksum, progress=False)
     assert _tree(tmp_path) == []
 
 
@@ -275,26 +266,18 @@ def test_corrupt_archive_raises_and_leaves_nothing(served, tmp_path):
     root, _ = served
     good = (root / "ml-100k.zip").read_bytes()
     payload = good[: len(good) // 2] + bytes(64) + good[len(good) // 2 + 64 :]  # damaged data, intact directory
-    base = _serve_as(served, "corrupt", "ml-100k.zip", payload)
+    base, checksum = _serve(served, "movielens-100k", payload)
     with pytest.raises(DownloadError) as err:
-        download(
-            "movielens-100k",
-            tmp_path,
-            base_url=base,
-            checksum="sha256:" + hashlib.sha256(payload).hexdigest(),
-            progress=False,
-        )
+        download("movielens-100k", tmp_path, base_url=base, checksum=checksum, progress=False)
     assert f"{base}/ml-100k.zip" in str(err.value) and "corrupt archive" in str(err.value)
     assert _tree(tmp_path) == []
 
 
 def test_garbage_file_is_not_an_archive(served, tmp_path):
     payload = b"<html>not a zip</html>\n" * 10
-    base = _serve_as(served, "garbage", "ml-1m.zip", payload)
+    base, checksum = _serve(served, "movielens-1m", payload)
     with pytest.raises(DownloadError, match="corrupt archive"):
-        download(
-            "movielens-1m", tmp_path, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(), progress=False
-        )
+        download("movielens-1m", tmp_path, base_url=base, checksum=checksum, progress=False)
     assert _tree(tmp_path) == []
 
 
@@ -303,11 +286,9 @@ def test_missing_member_is_an_error(served, tmp_path):
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("ml-1m/ratings.dat", "1::1::5::0\n")
     payload = buf.getvalue()
-    base = _serve_as(served, "incomplete", "ml-1m.zip", payload)
+    base, checksum = _serve(served, "movielens-1m", payload)
     with pytest.raises(DownloadError, match="users.dat"):
-        download(
-            "movielens-1m", tmp_path, base_url=base, checksum="md5:" + hashlib.md5(payload).hexdigest(), progress=False
-        )
+        download("movielens-1m", tmp_path, base_url=base, checksum=checksum, progress=False)
     assert _tree(tmp_path) == []
 
 

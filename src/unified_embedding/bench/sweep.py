@@ -154,14 +154,11 @@ class SweepSummary:
         )
 
 
-Status = Literal["finished", "refused", "failed"]
-
-
 @dataclass
 class Outcome:
     """What training one run gave, ready to record; made by `execute_run` in whichever process trained it."""
 
-    status: Status
+    status: Literal["finished", "refused", "failed"]
     wall_seconds: float
     result: dict[str, Any] | None = None
     decomposition: dict[str, Any] | None = None
