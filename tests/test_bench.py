@@ -125,6 +125,7 @@ def test_report_has_tables_frontier_verdicts_and_plots(swept, tmp_path):
     assert "| 0.1x | unified |" in text and "| 1x | hashing |" in text and "★" in text
     assert "on the frontier" in text and "Against `hashing`:" in text and "Against the best other method" in text
     assert "Trained on the first 2,000 rows" in text
+    assert "Runs: 4 finished runs in 4 cells (4 with 1 seed), 0 refused, 0 failed." in text
     assert "decompose" in text and "decomposition.png" in text
     assert "| unified | 0.1x | 0 |" in text  # one decomposition row per seed, the seed named
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -147,6 +148,18 @@ def test_a_report_of_some_datasets_names_only_their_sweeps(swept, tmp_path, data
     assert recorded not in only_frappe and "## movielens-100k" not in only_frappe
     both = write_report(results, tmp_path / "both").read_text()
     assert describe_command(frappe, results) in both and recorded in both
+
+
+def test_a_report_says_how_much_of_the_grid_is_missing(swept, tmp_path):
+    _, swept_results, _ = swept
+    results = tmp_path / "results.db"
+    with ResultStore(swept_results) as store:
+        store.conn.execute("VACUUM INTO ?", (str(results),))
+    with sqlite3.connect(results) as conn:  # a sweep killed during this run: it stays `running`
+        conn.execute("UPDATE runs SET status = 'running' WHERE method = 'hashing' AND budget = '1x'")
+    text = write_report(results, tmp_path / "report").read_text()
+    assert "Runs: 3 finished runs in 3 cells (3 with 1 seed), 0 refused, 0 failed, 1 interrupted" in text
+    assert "| 1x | hashing |" not in text
 
 
 def test_a_sweep_in_two_workers_gives_the_results_of_one_process(swept, tmp_path):

@@ -77,6 +77,7 @@ class Section:
     cells: list[Cell] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: int = 0  # runs left `running` by a killed sweep: no result, resumed by the next `ue bench`
     decompositions: list[dict[str, Any]] = field(default_factory=list)  # {"method", "budget", "budget_params", "data"}
 
     def budgets(self) -> list[str]:
@@ -236,6 +237,8 @@ def load_sections(store: ResultStore, datasets: Sequence[str] | None = None) -> 
                 section.refused.append(run)
             elif run["status"] == "failed":
                 section.failed.append(run)
+            else:
+                section.interrupted += 1
         for (method, budget), items in cells.items():
             section.cells.append(
                 Cell(
@@ -253,6 +256,22 @@ def load_sections(store: ResultStore, datasets: Sequence[str] | None = None) -> 
         section.cells.sort(key=lambda c: (c.budget_params, -c.auc_stats[0], c.method))
         sections.append(section)
     return sections
+
+
+def coverage(section: Section) -> str:
+    """How complete the grid is, so that a partial sweep is never read as a finished one."""
+    per_seeds: dict[int, int] = defaultdict(int)
+    for cell in section.cells:
+        per_seeds[cell.n] += 1
+    spread = ", ".join(
+        f"{cells} with {seeds} seed{'' if seeds == 1 else 's'}" for seeds, cells in sorted(per_seeds.items())
+    )
+    parts = [f"{sum(c.n for c in section.cells)} finished runs in {len(section.cells)} cells ({spread or 'none'})"]
+    parts.append(f"{len(section.refused)} refused")
+    parts.append(f"{len(section.failed)} failed")
+    if section.interrupted:
+        parts.append(f"{section.interrupted} interrupted (still to finish)")
+    return "Runs: " + ", ".join(parts) + "."
 
 
 # ---------------------------------------------------------------------------------- plot
@@ -523,7 +542,7 @@ def _section_lines(section: Section, out: Path, note: str | None) -> list[str]:
     setting = section.setting
     lines = [f"## {section.label}", ""]
     described = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(setting.items()) if k != "dataset")
-    lines += [f"Setting: {described}.", ""]
+    lines += [f"Setting: {described}.", "", coverage(section), ""]
     if setting.get("max_rows"):
         lines += [f"**Trained on the first {setting['max_rows']:,} rows of the dataset only.**", ""]
     if section.cells:
