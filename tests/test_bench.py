@@ -223,6 +223,11 @@ def test_grid_expands_all_methods_and_the_printed_command_reproduces_it(data_dir
     assert [c.fingerprint() for c in again.configs()] == [c.fingerprint() for c in configs]
 
 
+def test_a_seed_count_of_zero_points_to_the_one_seed_list(data_dir):
+    with pytest.raises(ValueError, match=r"a count of seeds must be >= 1, got 0.*`--seeds 0,`"):
+        tiny_spec(data_dir, seeds=0).seed_list()
+
+
 def test_inspect_shares_are_sane_and_a_bigger_table_collides_less(data_dir):
     small = inspect_collisions("movielens-100k", "unified", "0.1x", data_dir=str(data_dir))
     large = inspect_collisions("movielens-100k", "unified", "1x", data_dir=str(data_dir))

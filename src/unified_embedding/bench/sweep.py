@@ -90,7 +90,10 @@ class SweepSpec:
     def seed_list(self) -> list[int]:
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
             if self.seeds < 1:
-                raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+                raise ValueError(
+                    f"a count of seeds must be >= 1, got {self.seeds}; "
+                    f"for seed {self.seeds} alone give a list: [{self.seeds}] (`--seeds {self.seeds},`)"
+                )
             return list(range(self.seeds))
         return [int(s) for s in self.seeds]
 
