@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -260,15 +260,13 @@ def load_sections(store: ResultStore, datasets: Sequence[str] | None = None) -> 
 
 def coverage(section: Section) -> str:
     """How complete the grid is, so that a partial sweep is never read as a finished one."""
-    per_seeds: dict[int, int] = defaultdict(int)
-    for cell in section.cells:
-        per_seeds[cell.n] += 1
-    spread = ", ".join(
-        f"{cells} with {seeds} seed{'' if seeds == 1 else 's'}" for seeds, cells in sorted(per_seeds.items())
-    )
-    parts = [f"{sum(c.n for c in section.cells)} finished runs in {len(section.cells)} cells ({spread or 'none'})"]
-    parts.append(f"{len(section.refused)} refused")
-    parts.append(f"{len(section.failed)} failed")
+    per_seeds = Counter(cell.n for cell in section.cells)
+    spread = ", ".join(f"{cells} with {seeds_text([seeds])}" for seeds, cells in sorted(per_seeds.items()))
+    parts = [
+        f"{sum(c.n for c in section.cells)} finished runs in {len(section.cells)} cells ({spread or 'none'})",
+        f"{len(section.refused)} refused",
+        f"{len(section.failed)} failed",
+    ]
     if section.interrupted:
         parts.append(f"{section.interrupted} interrupted (still to finish)")
     return "Runs: " + ", ".join(parts) + "."
