@@ -1,8 +1,8 @@
 """Builds the two small C extensions; everything else is in pyproject.toml.
 
 - `unified_embedding.data._fastcsv`: the fast parser of plain delimited files (data/fastpath.py);
-- `unified_embedding._kernels`: the embedding layer's hashing and fused optimizer step, one pass each
-  (hashing.py, fused.py).
+- `unified_embedding._kernels`: hashing, the fused optimizer step and dropout masks, one pass each
+  (hashing.py, fused.py, models/dropout.py).
 
 `optional=True`: without a C compiler the install still succeeds, and each caller falls back to
 its pure pyarrow / torch path (slower, same results).

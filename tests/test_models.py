@@ -246,7 +246,7 @@ def test_dcnv2_stacked_and_parallel_differ_in_structure():
 def test_mlp_block_layout_and_batchnorm_drops_bias():
     block = MLP(10, (6, 4), activation="relu", dropout=0.2, batch_norm=True, output_dim=1)
     kinds = [type(m).__name__ for m in block.net]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "CounterDropout"] * 2 + ["Linear"]
     assert block.net[0].bias is None and block.net[-1].bias is not None
     assert MLP(10, (), output_dim=None).out_dim == 10
 

@@ -52,6 +52,16 @@ def _mix64_(x: Tensor) -> Tensor:
     return x
 
 
+def splitmix64_outputs(seed: int, count: int) -> Tensor:
+    """The first `count` outputs of a SplitMix64 generator seeded with `seed`, as int64.
+
+    Output i is mix64(seed + (i + 1) * golden): a counter-based stream, so any element can
+    be computed alone (the dropout mask kernel computes it in one pass, the same bits).
+    """
+    state = torch.arange(1, count + 1, dtype=torch.int64).mul_(_signed(_GOLDEN)).add_(seed)
+    return _mix64_(state)
+
+
 def mix64_numpy(x: np.ndarray) -> np.ndarray:
     """The same finaliser on a uint64 numpy array."""
     x = x.astype(np.uint64, copy=True)
