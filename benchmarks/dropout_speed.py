@@ -4,8 +4,8 @@
    models' hidden layers), p = 0.3 (the models' default).
 2. A whole training step of DCNv2 (three 400-wide hidden layers, each followed by dropout) on
    Criteo-shaped batches (criteo_shape.py; speed only), `unified` embedding with 2^18 rows,
-   dense Adam: two copies of one network, identical but for the dropout layers, timed in
-   interleaved blocks of steps.
+   dense Adam: two networks built from one random state, identical but for the dropout
+   layers, timed in interleaved blocks of steps.
 3. Training on real MovieLens-100K with the trainer's defaults (`unified`, 0.25x, DCNv2,
    batch 1,024) for a fixed number of epochs, the models built with either dropout: the
    training seconds of `ue train`, interleaved runs.
@@ -16,13 +16,13 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from unittest import mock
 
 import numpy as np
@@ -42,6 +42,7 @@ from unified_embedding.train import Optimizers, TrainConfig, Trainer
 WIDTH = 400
 BATCHES = (1024, 4096)
 RESULTS = Path(__file__).parent / "results" / "dropout_speed.json"
+Built = TypeVar("Built")
 
 
 def interleaved_medians(timed: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
@@ -80,22 +81,18 @@ def step_seconds(network: CTRNetwork, batches: list) -> Callable[[], float]:
     return run
 
 
-def with_torch_dropout(network: CTRNetwork) -> CTRNetwork:
-    """A copy of `network` whose CounterDropout layers are `nn.Dropout` of the same p."""
-    twin = copy.deepcopy(network)
-    for module in twin.modules():
-        for name, child in module.named_children():
-            if isinstance(child, CounterDropout):
-                setattr(module, name, nn.Dropout(child.p))
-    return twin
+def built_with(dropout_class: type[nn.Module], build: Callable[[], Built]) -> Built:
+    """`build()` with the models' dropout layers of `dropout_class`, from the same random state."""
+    torch.manual_seed(0)
+    with mock.patch.object(layers, "CounterDropout", dropout_class):
+        return build()
 
 
 def training_seconds(data_dir: str, epochs: int, dropout_class: type[nn.Module]) -> Callable[[], float]:
     config = TrainConfig("movielens-100k", budget="0.25x", epochs=epochs, patience=epochs, data_dir=data_dir)
 
     def run() -> float:
-        with mock.patch.object(layers, "CounterDropout", dropout_class):
-            return Trainer(config, progress=False).run()["train_seconds"]
+        return built_with(dropout_class, lambda: Trainer(config, progress=False).run())["train_seconds"]
 
     return run
 
@@ -129,13 +126,13 @@ def main() -> None:
             },
             args.reps,
         )
-        network = CTRNetwork.build(UnifiedEmbedding(features, num_rows=2**18), "dcnv2")
         batches = [criteo_batch(batch_size, rng) for _ in range(args.steps)]
+        networks = {
+            name: built_with(cls, lambda: CTRNetwork.build(UnifiedEmbedding(features, num_rows=2**18), "dcnv2"))
+            for name, cls in (("torch", nn.Dropout), ("counter", CounterDropout))
+        }
         step = interleaved_medians(
-            {
-                "torch": step_seconds(with_torch_dropout(network), batches),
-                "counter": step_seconds(network, batches),
-            },
+            {name: step_seconds(network, batches) for name, network in networks.items()},
             args.reps,
         )
         show(f"layer fwd+bwd [{batch_size}, {WIDTH}]", layer, 1e3)
