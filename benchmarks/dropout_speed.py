@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from criteo_shape import criteo_batch, criteo_features
+from train_speed import interleaved_samples, train_steps
 
 from unified_embedding.embeddings import UnifiedEmbedding
 from unified_embedding.models import layers
@@ -46,14 +47,7 @@ Built = TypeVar("Built")
 
 
 def interleaved_medians(timed: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
-    """Median seconds of each callable over `reps` interleaved rounds, after one warm-up round."""
-    samples: dict[str, list[float]] = {name: [] for name in timed}
-    for rep in range(reps + 1):
-        for name, run in timed.items():
-            seconds = run()
-            if rep:
-                samples[name].append(seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in interleaved_samples(timed, reps).items()}
 
 
 def layer_seconds(layer: nn.Module, x: torch.Tensor, calls: int = 20) -> Callable[[], float]:
@@ -68,17 +62,7 @@ def layer_seconds(layer: nn.Module, x: torch.Tensor, calls: int = 20) -> Callabl
 
 def step_seconds(network: CTRNetwork, batches: list) -> Callable[[], float]:
     optimizers = Optimizers(network, "adam", None)
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    def run() -> float:
-        start = time.perf_counter()
-        for batch in batches:
-            optimizers.zero_grad()
-            loss_fn(network(batch), batch.labels).backward()
-            optimizers.step()
-        return (time.perf_counter() - start) / len(batches)
-
-    return run
+    return lambda: train_steps(network, optimizers, batches) / len(batches)
 
 
 def built_with(dropout_class: type[nn.Module], build: Callable[[], Built]) -> Built:

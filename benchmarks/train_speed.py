@@ -28,6 +28,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Self
 
@@ -132,16 +134,25 @@ def train_steps(network: CTRNetwork, optimizers: Optimizers, batches: list[Batch
     return time.perf_counter() - start
 
 
+def interleaved_samples(timed: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Seconds of each callable over `reps` rounds that take each in turn, after one warm-up round."""
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    for rep in range(reps + 1):
+        for name, run in timed.items():
+            seconds = run()
+            if rep:
+                samples[name].append(seconds)
+    return samples
+
+
 def criteo_speed(batch_size: int, steps: int, reps: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(0)
     batches = [criteo_batch(batch_size, rng) for _ in range(steps)]
     systems = criteo_systems()
-    seconds: dict[str, list[float]] = {name: [] for name in systems}
-    for rep in range(reps + 1):  # the first round warms up
-        for name, (network, optimizers) in systems.items():
-            elapsed = train_steps(network, optimizers, batches)
-            if rep:
-                seconds[name].append(elapsed)
+    seconds = interleaved_samples(
+        {name: partial(train_steps, network, optimizers, batches) for name, (network, optimizers) in systems.items()},
+        reps,
+    )
     usual = statistics.median(seconds["usual_adam"])
     results = {}
     for name, samples in seconds.items():
