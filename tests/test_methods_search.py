@@ -185,10 +185,14 @@ def test_autosrh_keeps_the_most_salient_groups_that_fit_and_zeroes_the_rest():
     result = method.begin_stage("retrain", lambda: 0.5)
     size = method.group_size
     per_parameter = method.saliency / (method.cell_rows.clamp(min=1)[:, None] * size)
-    kept = method.kept.reshape(-1)
-    order = torch.argsort(-per_parameter.reshape(-1), stable=True)
+    floors = torch.zeros_like(method.kept)
+    first_bucket = method.cell_rows.view(3, 4)[:, 0] > 0
+    floors[torch.arange(3) * 4, per_parameter[torch.arange(3) * 4].argmax(dim=1)] = first_bucket
+    assert torch.all(method.kept[floors])  # every field keeps its best group of its most frequent bucket
+    kept = method.kept.reshape(-1)[~floors.reshape(-1)]
+    order = torch.argsort(-per_parameter.reshape(-1)[~floors.reshape(-1)], stable=True)
     first_skipped = int((~kept[order]).nonzero()[0])
-    assert torch.all(kept[order[:first_skipped]])  # kept in saliency order until the budget bites
+    assert torch.all(kept[order[:first_skipped]])  # then kept in saliency order until the budget bites
     after = method(batch)
     # alpha is folded into the kept weights: kept dimensions read as in the search, pruned ones zero
     rows, _, slot_of = method.slot_rows(batch)
@@ -202,13 +206,31 @@ def test_autosrh_keeps_the_most_salient_groups_that_fit_and_zeroes_the_rest():
     assert method.num_bytes() == 4 * method.num_parameters()
 
 
+def test_autosrh_keeps_a_dimension_of_every_field_however_little_its_saliency_per_parameter():
+    """The large field with the least saliency per stored parameter still keeps its floor group."""
+    budget = FULL_SIZE // 8
+    method = build_embedding("autosrh", FEATURES, budget, vocabularies=VOCABULARIES, frequent_ids=frequencies())
+    with torch.no_grad():
+        method.saliency.fill_(1.0)
+        method.saliency[:4].fill_(1e-6)  # the user field: 201 rows, nearly no saliency
+        method.saliency[0, 5] = 2e-6
+    result = method.begin_stage("retrain", lambda: 0.5)
+    assert result["widths"]["user"] == [1, 0, 0, 0] and method.kept[0].nonzero().view(-1).tolist() == [5]
+    assert all(widths[0] >= 1 for widths in result["widths"].values())
+    assert method.num_parameters() <= budget
+
+
 def test_autosrh_budget_below_its_smallest_selection_is_refused_clearly():
-    with pytest.raises(BudgetError, match="at least"):
-        build_embedding("autosrh", FEATURES, overhead_words(12, 16), vocabularies=VOCABULARIES)
-    method = build_embedding(
-        "autosrh", FEATURES, FULL_SIZE // 20, vocabularies=VOCABULARIES
-    )  # no frequencies: one bucket
-    assert 0 < method.num_parameters() <= FULL_SIZE // 20 and method.cell_rows.view(3, 4)[:, 1:].sum() == 0
+    # the floor: one group of each field's most frequent bucket (50 + 15 + 3 rows with four buckets)
+    smallest = overhead_words(12, 16) + 50 + 15 + 3
+    with pytest.raises(BudgetError, match=f"at least {smallest}"):
+        build_embedding("autosrh", FEATURES, smallest - 1, vocabularies=VOCABULARIES, frequent_ids=frequencies())
+    method = build_embedding("autosrh", FEATURES, smallest, vocabularies=VOCABULARIES, frequent_ids=frequencies())
+    assert method.num_parameters() == smallest
+    with pytest.raises(BudgetError, match="at least"):  # no frequencies: one bucket, every row of each field
+        build_embedding("autosrh", FEATURES, overhead_words(12, 16) + ROWS - 1, vocabularies=VOCABULARIES)
+    method = build_embedding("autosrh", FEATURES, FULL_SIZE // 10, vocabularies=VOCABULARIES)
+    assert 0 < method.num_parameters() <= FULL_SIZE // 10 and method.cell_rows.view(3, 4)[:, 1:].sum() == 0
 
 
 # ---------------------------------------------------------------- PEP's retrain
