@@ -206,6 +206,19 @@ def test_autosrh_keeps_the_most_salient_groups_that_fit_and_zeroes_the_rest():
     assert method.num_bytes() == 4 * method.num_parameters()
 
 
+def test_autosrh_saliency_sums_the_squared_first_order_term_over_steps():
+    method = build_embedding("autosrh", FEATURES, FULL_SIZE // 5, vocabularies=VOCABULARIES, frequent_ids=frequencies())
+    expected = torch.zeros_like(method.alpha)
+    for seed in range(2):
+        with torch.no_grad():
+            method.alpha.uniform_(0.5, 1.5)
+        method.zero_grad()
+        method(make_batch(seed=seed)).pow(2).sum().backward()
+        expected += (method.alpha.detach() * method.alpha.grad).square()
+        method.after_step()
+    assert torch.allclose(method.saliency, expected) and bool((expected > 0).any())
+
+
 def test_autosrh_keeps_a_dimension_of_every_field_however_little_its_saliency_per_parameter():
     """The large field with the least saliency per stored parameter still keeps its floor group."""
     budget = FULL_SIZE // 8
