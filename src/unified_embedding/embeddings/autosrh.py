@@ -35,8 +35,8 @@ magnitudes do not compare across fields (ranking by |alpha| times mean |e| prune
 item).
 
 Alpha is folded into the kept weights and the pruned dimensions are zeroed, and the kept ones
-train on with the selection fixed (a buffer, so checkpoints restore it). A bucket may keep no group: its
-ids then read zero vectors.
+train on with the selection fixed (a buffer, so checkpoints restore it). A bucket other than
+a field's most frequent may keep no group: its ids then read zero vectors.
 
 The frequency ranks come from the trainer (`uses_id_frequencies`, as for double_hash's
 hybrid). Without them (from Python, `frequent_ids=None`) every id of a field is in its first
