@@ -99,10 +99,12 @@ def overhead_words(cells: int, groups: int) -> int:
 
 
 def floor_cells(cell_rows: Tensor, buckets: int) -> Tensor:
-    """Each field's most frequent non-empty bucket: the cell that keeps a group whatever the ranking."""
+    """Each field's most frequent non-empty bucket: the cell that keeps a group whatever the ranking.
+
+    Every field has one (its out-of-vocabulary row is in its last bucket).
+    """
     filled = cell_rows.view(-1, buckets) > 0
-    first = filled.to(torch.int8).argmax(dim=1)  # the first non-empty bucket (0 for a field with none)
-    return torch.arange(filled.shape[0]) * buckets + first
+    return torch.arange(filled.shape[0]) * buckets + filled.to(torch.int8).argmax(dim=1)
 
 
 def floor_size(cell_rows: Tensor, buckets: int, groups: int, group_size: int) -> int:
@@ -124,7 +126,7 @@ def select_groups(
     costs = (cell_rows[:, None] * group_size).expand(cells, groups).reshape(-1)
     kept = torch.zeros(cells, groups, dtype=torch.bool)
     floors = floor_cells(cell_rows, buckets)
-    kept[floors, importance[floors].argmax(dim=1)] = cell_rows[floors] > 0
+    kept[floors, importance[floors].argmax(dim=1)] = True
     kept = kept.view(-1)
     for pair in torch.argsort(-importance.reshape(-1), stable=True).tolist():
         if not kept[pair] and 0 < int(costs[pair]) <= budget - size:  # an empty bucket keeps nothing

@@ -2,12 +2,13 @@
 
 torch's CPU dropout draws every element from one Mersenne Twister stream: 5.8-6.5 ms for a
 [1024, 400] activation on this machine, where this mask takes 0.7 ms. On a DCNv2 step (three
-400-wide hidden layers, batch 1,024) it was a quarter of CPU training time (docs/performance.md). Here element i of a mask keeps its value
-when the i-th output of a SplitMix64 generator is at or above p * 2^53 in its top 53 bits;
-the generator's seed is one draw from torch's default generator per call, so
-`torch.manual_seed` makes runs repeatable exactly as it does for `nn.Dropout`. The C kernel
-fills the mask in one pass; the torch path gives the same bits. On other devices torch's own
-dropout (a counter-based generator there too) is used as it is.
+400-wide hidden layers, batch 1,024) it was a quarter of CPU training time
+(docs/performance.md). Here element i of a mask keeps its value when the i-th output of a
+SplitMix64 generator is at or above p * 2^53 in its top 53 bits; the generator's seed is one
+draw from torch's default generator per call, so `torch.manual_seed` makes runs repeatable
+exactly as it does for `nn.Dropout`. The C kernel fills the mask in one pass; the torch path
+gives the same bits. On other devices torch's own dropout (a counter-based generator there
+too) is used as it is.
 """
 
 from __future__ import annotations
