@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from unified_embedding import cli
 from unified_embedding.bench import commands, sweep
 from unified_embedding.bench.colours import METHOD_COLOURS, method_colour
 from unified_embedding.bench.decomposition import decompose
@@ -133,6 +134,41 @@ def test_report_has_tables_frontier_verdicts_and_plots(swept, tmp_path):
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
         assert f"]({name})" in text
+
+
+def test_a_reports_runs_file_merges_into_a_new_database_that_reports_the_same(swept, tmp_path):
+    spec, results, _ = swept
+    first = write_report(results, tmp_path / "first", command="ue report")
+    runs_file = tmp_path / "first" / "runs.jsonl"
+    assert "[runs.jsonl](runs.jsonl)" in first.read_text()
+    assert len(runs_file.read_text().splitlines()) == 4 + 2  # four runs and the two sweeps that ran them
+    merged = tmp_path / "merged.db"
+    assert cli.main(["merge", "--results", str(merged), str(runs_file)]) == 0
+    with ResultStore(results) as original, ResultStore(merged) as store:
+        assert store.done_fingerprints() == original.done_fingerprints()
+        assert store.decompositions() == original.decompositions()
+        assert store.merge(runs_file) == (0, 4) and store.merge(results) == (0, 4)  # nothing twice
+        assert len(store.sweeps()) == 2
+    second = write_report(merged, tmp_path / "second", command="ue report")
+
+    def body(path):  # all but the line with the time the report was written
+        return [line for line in path.read_text().splitlines() if not line.startswith("Report written")]
+
+    assert body(second) == body(first)
+    # a run the database lacks is added from another database; the runs it has are kept
+    extra = tmp_path / "extra.db"
+    run_sweep(tiny_spec(spec.data_dir, budgets=["0.3x"], methods=["hashing"]), extra, progress=False)
+    with ResultStore(merged) as store:
+        assert store.merge(extra) == (1, 0) and len(store.runs()) == 5
+
+
+def test_merge_names_the_line_of_a_broken_runs_file(tmp_path):
+    broken = tmp_path / "runs.jsonl"
+    broken.write_text('{"sweep": {"id": 1}}\n{"run": \n')
+    with ResultStore(tmp_path / "r.db") as store, pytest.raises(ValueError, match=r"runs.jsonl, line 2"):
+        store.merge(broken)
+    with ResultStore(tmp_path / "r.db") as store, pytest.raises(FileNotFoundError, match="no results file"):
+        store.merge(tmp_path / "missing.jsonl")
 
 
 def test_a_report_of_some_datasets_names_only_their_sweeps(swept, tmp_path, data_dir):

@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands.add_bench_arguments(commands.add_parser("bench", help=bench_commands.BENCH_HELP))
     bench_commands.add_report_arguments(commands.add_parser("report", help=bench_commands.REPORT_HELP))
     bench_commands.add_inspect_arguments(commands.add_parser("inspect", help=bench_commands.INSPECT_HELP))
+    bench_commands.add_merge_arguments(commands.add_parser("merge", help=bench_commands.MERGE_HELP))
     plan.add_arguments(
         commands.add_parser("plan", help="TorchRec sharding plan and per-rank memory for a unified table")
     )
@@ -205,6 +206,7 @@ HANDLERS = {
     "bench": bench_commands.run_bench,
     "report": bench_commands.run_report,
     "inspect": bench_commands.run_inspect,
+    "merge": bench_commands.run_merge,
     "plan": plan.run,
     "compress": compress.run,
 }

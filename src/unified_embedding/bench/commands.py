@@ -1,4 +1,4 @@
-"""Argparse wiring for `ue bench`, `ue report` and `ue inspect`, ready for cli.py.
+"""Argparse wiring for `ue bench`, `ue report`, `ue merge` and `ue inspect`, ready for cli.py.
 
 cli.py adds each command with three lines, e.g.::
 
@@ -6,7 +6,7 @@ cli.py adds each command with three lines, e.g.::
     bench_commands.add_bench_arguments(commands.add_parser("bench", help=bench_commands.BENCH_HELP))
     HANDLERS["bench"] = bench_commands.run_bench
 
-(the same for `report` / `inspect`). Each `run_*` takes the parsed namespace and returns
+(the same for `report` / `merge` / `inspect`). Each `run_*` takes the parsed namespace and returns
 the exit code; errors are the usual ValueError / FileNotFoundError / BudgetError that
 `cli.main` already turns into a message and exit code 2.
 """
@@ -24,6 +24,7 @@ from unified_embedding.train import TrainConfig
 
 BENCH_HELP = "sweep methods x budgets x datasets x seeds into a results database (resumes where it stopped)"
 REPORT_HELP = "Markdown report with tables, Pareto frontiers and plots from a results database"
+MERGE_HELP = "add the runs of exported results (runs.jsonl) or of other databases to a results database"
 INSPECT_HELP = "collision diagnostics of a method at a budget: per-feature collisions and row load"
 
 
@@ -194,6 +195,22 @@ def run_report(args: argparse.Namespace) -> int:
     path = write_report(args.results, args.out, datasets=args.datasets, command=shlex.join(command), notes=args.notes,
                         name=args.name)  # fmt: skip
     print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------- merge
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results.db", help="the results database to add to (created if missing)")
+    p.add_argument("sources", nargs="+", help="a report's runs.jsonl, or another results database")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from unified_embedding.bench.store import ResultStore
+
+    with ResultStore(args.results) as store:
+        for source in args.sources:
+            counts = store.merge(source)
+            print(f"{source}: {counts.added} runs added, {counts.kept} already in {args.results}")
     return 0
 
 

@@ -35,6 +35,8 @@ from unified_embedding.bench.summary import format_stats, mean_std_se, method_la
 
 PRODUCT = "unified"
 BASELINE = "hashing"
+#: The report's raw data beside it: `ResultStore.export` of the runs it shows.
+RUNS_FILE = "runs.jsonl"
 #: config fields that vary inside one section (the grid's axes) or do not define a result
 _AXES = ("method", "budget", "seed", "method_options", "data_dir", "checkpoint_every")
 
@@ -493,6 +495,7 @@ def write_report(
             if reported & set(s["spec"]["datasets"]) and s["finished"] + s["refused"] + s["failed"]
         ]  # fmt: skip
         finished = [r for r in store.runs(status="finished") if r["dataset"] in reported]
+        store.export(out / RUNS_FILE, reported)
     if not sections and not streams:
         raise ValueError(f"{results} holds no runs" + (f" for datasets {', '.join(datasets)}" if datasets else ""))
     dataset_notes = _read_notes(notes)
@@ -509,6 +512,12 @@ def write_report(
     if platforms:
         lines.append("Platform: " + "; ".join(platforms) + ".")
     lines += [
+        "",
+        (
+            f"Every run behind this report, with its configuration, metrics and versions, is in [{RUNS_FILE}]"
+            f"({RUNS_FILE}); `ue merge --results results.db {RUNS_FILE}` loads it into a results database, so "
+            "that a later `ue bench` adds to these runs instead of repeating them."
+        ),
         "",
         (
             "How to read it: each cell is the mean over seeds of the test AUC (higher is better) and log loss (lower "

@@ -6,6 +6,11 @@ transaction after the run finishes, so a sweep killed at any instant leaves ever
 run intact and no half-written one. A run is keyed by its configuration's fingerprint
 (`TrainConfig.fingerprint()`), which is how a resumed sweep knows what is already done.
 
+A database lives on one machine; `export` writes the sweeps and the finished and refused runs
+as JSON lines (text a repository can keep beside its report), and `merge` loads such a file, or
+another database, into this one. That is how sweeps run on several machines, or in several
+sittings whose machines are not kept, add up to one set of results.
+
 Statuses: ``running`` (started, not finished: a killed run, re-run on resume), ``finished``,
 ``refused`` (the method cannot meet the budget: `BudgetError`, with its message; not re-run),
 ``failed`` (any other error, with the traceback; re-run on resume).
@@ -27,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import torch
 
@@ -241,16 +246,7 @@ class ResultStore:
             previous = conn.execute("SELECT started_at FROM runs WHERE fingerprint = ?", (fingerprint,)).fetchone()
             if previous is not None and status != "running":
                 row["started_at"] = previous[0]
-            conn.execute("DELETE FROM decompositions WHERE fingerprint = ?", (fingerprint,))
-            names = ", ".join(row)
-            conn.execute(
-                f"INSERT OR REPLACE INTO runs ({names}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
-            )
-            if decomposition is not None:
-                conn.execute(
-                    "INSERT INTO decompositions VALUES (?, ?, ?)",
-                    (fingerprint, json.dumps(decomposition.get("summary", {})), json.dumps(decomposition)),
-                )
+            _put_run(conn, row, decomposition)
 
     def runs(
         self, *, status: str | Iterable[str] | None = "finished", dataset: str | None = None
@@ -275,3 +271,101 @@ class ResultStore:
     def decompositions(self) -> dict[str, dict[str, Any]]:
         """Fingerprint -> stored decomposition (see `bench.decomposition.Decomposition.to_dict`)."""
         return {row[0]: json.loads(row[1]) for row in self.conn.execute("SELECT fingerprint, data FROM decompositions")}
+
+    # ------------------------------------------------------------ export, merge
+    def export(self, path: str | Path, datasets: Iterable[str] | None = None) -> int:
+        """Write the sweeps and the finished and refused runs (of `datasets`, else all) as JSON lines.
+
+        One line per sweep (``{"sweep": ...}``), then one per run (``{"run": ..., "decomposition":
+        ...}``), oldest first. Returns the number of runs written.
+        """
+        wanted = None if datasets is None else set(datasets)
+        runs = [r for r in self.runs(status=DONE) if wanted is None or r["dataset"] in wanted]
+        used = {r["sweep_id"] for r in runs}
+        decompositions = self.decompositions()
+        with Path(path).open("w") as out:
+            for sweep in self.sweeps():
+                if sweep["id"] in used:
+                    out.write(json.dumps({"sweep": sweep}, sort_keys=True) + "\n")
+            for run in runs:
+                line = {"run": run, "decomposition": decompositions.get(run["fingerprint"])}
+                out.write(json.dumps(line, sort_keys=True) + "\n")
+        return len(runs)
+
+    def merge(self, source: str | Path) -> MergeCounts:
+        """Add the finished and refused runs of `source` (an `export` file, or another database).
+
+        A run this database has already finished or refused is kept as it is; sweeps are copied
+        once (matched by command and start time), so merging the same source twice adds nothing.
+        """
+        sweeps, runs = _read_results(Path(source))
+        added = kept = 0
+        with self.transaction() as conn:
+            sweep_ids: dict[int, int] = {}
+            for sweep in sweeps:
+                found = conn.execute(
+                    "SELECT id FROM sweeps WHERE command = ? AND started_at = ?",
+                    (sweep["command"], sweep["started_at"]),
+                ).fetchone()
+                if found is None:
+                    row = {k: v for k, v in sweep.items() if k != "id"} | {
+                        "spec": json.dumps(sweep["spec"], sort_keys=True)
+                    }
+                    found = (conn.execute(_insert("sweeps", row), tuple(row.values())).lastrowid,)
+                sweep_ids[sweep["id"]] = int(found[0])
+            done = self.done_fingerprints()
+            for run, decomposition in runs:
+                if run["fingerprint"] in done:
+                    kept += 1
+                    continue
+                row = run | {
+                    "config": json.dumps(run["config"], sort_keys=True),
+                    "result": None if run["result"] is None else json.dumps(run["result"], sort_keys=True),
+                    "sweep_id": sweep_ids.get(run["sweep_id"]),
+                }
+                _put_run(conn, row, decomposition)
+                added += 1
+        return MergeCounts(added, kept)
+
+
+class MergeCounts(NamedTuple):
+    added: int  # runs new to the database
+    kept: int  # runs it had already finished or refused, left as they were
+
+
+def _insert(table: str, row: Mapping[str, Any], *, replace: bool = False) -> str:
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    return f"{verb} INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+
+
+def _put_run(conn: sqlite3.Connection, row: Mapping[str, Any], decomposition: Mapping[str, Any] | None) -> None:
+    """Write a run's row over any earlier one, with its decomposition (or none), inside the caller's transaction."""
+    conn.execute("DELETE FROM decompositions WHERE fingerprint = ?", (row["fingerprint"],))
+    conn.execute(_insert("runs", row, replace=True), tuple(row.values()))
+    if decomposition is not None:
+        conn.execute(
+            "INSERT INTO decompositions VALUES (?, ?, ?)",
+            (row["fingerprint"], json.dumps(decomposition.get("summary", {})), json.dumps(decomposition)),
+        )
+
+
+def _read_results(source: Path) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any] | None]]]:
+    """(sweeps, [(run, decomposition)]) of an `export` file (.jsonl) or a results database."""
+    if not source.is_file():
+        raise FileNotFoundError(f"no results file at {source}")
+    if source.suffix != ".jsonl":
+        with ResultStore(source) as other:
+            decompositions = other.decompositions()
+            return other.sweeps(), [(r, decompositions.get(r["fingerprint"])) for r in other.runs(status=DONE)]
+    sweeps, runs = [], []
+    with source.open() as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if "sweep" in record:
+                    sweeps.append(record["sweep"])
+                else:
+                    runs.append((record["run"], record["decomposition"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{source}, line {number}: not a line of `ResultStore.export` ({error})") from None
+    return sweeps, runs
