@@ -38,6 +38,8 @@ def test_cli_train_writes_run_json_and_evaluate_reproduces_it(data_dir, tmp_path
     assert 0.5 < run["test_auc"] <= 1 and run["test_logloss"] > 0
     assert run["num_embedding_params"] <= run["budget"] == int(0.25 * run["full_embedding_params"])
     assert run["config"]["model_options"] == SMALL_MODEL
+    capability = torch.backends.cpu.get_cpu_capability()  # what a seed's bits depend on, beside the versions
+    assert run["versions"]["torch"] == torch.__version__ and run["versions"]["platform"].endswith(capability)
     again = evaluate_run(output, "test")
     assert again["auc"] == pytest.approx(run["test_auc"], abs=1e-9)
 

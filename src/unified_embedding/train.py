@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,7 +21,6 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-import unified_embedding
 from unified_embedding.batch import Batch
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
 from unified_embedding.data import (
@@ -41,6 +38,7 @@ from unified_embedding.features import FeatureSet
 from unified_embedding.lowrank import apply_compression
 from unified_embedding.models import MODELS
 from unified_embedding.network import CTRNetwork
+from unified_embedding.provenance import versions
 
 #: Learning rates that work for each optimizer out of the box (Adagrad needs a larger step).
 DEFAULT_LR = {"adam": 1e-3, "adagrad": 1e-2}
@@ -478,12 +476,7 @@ def run_record(
         "embedding": {"out_dims": embedding.out_dims, "output_dim": embedding.output_dim},
         "config": asdict(config),
         "fingerprint": config.fingerprint(),
-        "versions": {
-            "unified_embedding": unified_embedding.__version__,
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
+        "versions": versions(),
     }
 
 

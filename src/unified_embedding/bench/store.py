@@ -24,9 +24,7 @@ stream configuration and `result` the stream.json, with its windows and new-id s
 from __future__ import annotations
 
 import json
-import platform
 import sqlite3
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -34,9 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Self
 
-import torch
-
-import unified_embedding
+from unified_embedding import provenance
 from unified_embedding.bench.runs import RunConfig, train_config
 
 SCHEMA_VERSION = 1
@@ -111,11 +107,13 @@ def now() -> str:
 
 
 def versions() -> dict[str, str]:
+    """`provenance.versions` under the results table's column names."""
+    found = provenance.versions()
     return {
-        "package_version": unified_embedding.__version__,
-        "torch_version": torch.__version__,
-        "python_version": sys.version.split()[0],
-        "platform": platform.platform(),
+        "package_version": found["unified_embedding"],
+        "torch_version": found["torch"],
+        "python_version": found["python"],
+        "platform": found["platform"],
     }
 
 

@@ -17,9 +17,7 @@ import hashlib
 import itertools
 import json
 import math
-import platform
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,12 +28,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import unified_embedding
 from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
 from unified_embedding.data import BatchLoader, CTRData, Split, vocabularies
 from unified_embedding.embeddings import FullEmbedding
 from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.network import CTRNetwork
+from unified_embedding.provenance import versions
 from unified_embedding.stream.metrics import StreamingMetrics, window_metrics
 from unified_embedding.stream.seen import DEFAULT_BITS_LOG2, SeenIds, batch_keys
 from unified_embedding.train import Optimizers, Prepared, TrainConfig, build_network, load_data, train_step
@@ -277,8 +275,7 @@ class StreamRunner:
             "seconds": state["seconds"], "peak_rss_mib": peak_rss_mib(),
             "config": {**asdict(self.config), "train": asdict(train)},
             "fingerprint": self.config.fingerprint(),
-            "versions": {"unified_embedding": unified_embedding.__version__, "torch": torch.__version__,
-                         "python": sys.version.split()[0], "platform": platform.platform()},
+            "versions": versions(),
         }  # fmt: skip
 
 
