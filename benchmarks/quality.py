@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from unified_embedding.provenance import versions
 from unified_embedding.train import TrainConfig, Trainer
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     print(table(runs))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2) + "\n")
+    out.write_text(json.dumps({"args": vars(args), "versions": versions(), "runs": runs}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

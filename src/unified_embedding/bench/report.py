@@ -495,9 +495,9 @@ def write_report(
             if reported & set(s["spec"]["datasets"]) and s["finished"] + s["refused"] + s["failed"]
         ]  # fmt: skip
         finished = [r for r in store.runs(status="finished") if r["dataset"] in reported]
+        if not sections and not streams:
+            raise ValueError(f"{results} holds no runs" + (f" for datasets {', '.join(datasets)}" if datasets else ""))
         store.export(out / RUNS_FILE, reported)
-    if not sections and not streams:
-        raise ValueError(f"{results} holds no runs" + (f" for datasets {', '.join(datasets)}" if datasets else ""))
     dataset_notes = _read_notes(notes)
     lines = ["# Embedding methods on the Pareto frontier: test AUC against parameters", ""]
     lines += ["Produced by:", ""] + _command_lines(sweeps)
