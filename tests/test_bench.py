@@ -169,6 +169,9 @@ def test_merge_names_the_line_of_a_broken_runs_file(tmp_path):
         store.merge(broken)
     with ResultStore(tmp_path / "r.db") as store, pytest.raises(FileNotFoundError, match="no results file"):
         store.merge(tmp_path / "missing.jsonl")
+    (tmp_path / "notes.txt").write_text("not results")
+    with ResultStore(tmp_path / "r.db") as store, pytest.raises(ValueError, match="neither a runs.jsonl"):
+        store.merge(tmp_path / "notes.txt")
 
 
 def test_a_report_of_some_datasets_names_only_their_sweeps(swept, tmp_path, data_dir):

@@ -352,6 +352,9 @@ def _read_results(source: Path) -> tuple[list[dict[str, Any]], list[tuple[dict[s
     if not source.is_file():
         raise FileNotFoundError(f"no results file at {source}")
     if source.suffix != ".jsonl":
+        with source.open("rb") as head:
+            if head.read(16) != b"SQLite format 3\x00":
+                raise ValueError(f"{source} is neither a runs.jsonl export nor a results database")
         with ResultStore(source) as other:
             decompositions = other.decompositions()
             return other.sweeps(), [(r, decompositions.get(r["fingerprint"])) for r in other.runs(status=DONE)]
