@@ -288,6 +288,24 @@ def test_adaembed_gives_a_dedicated_row_to_a_value_that_became_frequent():
     assert int(ada.row_of[old]) < 0 and old not in ada.owner.tolist()
 
 
+def test_adaembed_importance_sums_the_gradient_norms_of_a_values_reads():
+    ada = build("adaembed", reassign_every=1000)
+    user = FEATURES.sparse_names.index("user")
+    index, feature = torch.tensor([0, 0, 3]), torch.full((3,), user)  # value 0 read twice, value 3 once
+    ids = (index + ada.index_offset[feature]).tolist()
+    ada.train()
+    vectors = ada.compose(index, feature)
+    grad = torch.randn_like(vectors)
+    vectors.backward(grad)
+    expected = torch.zeros_like(ada.importance)
+    expected[ids[0]] = grad[0].norm() + grad[1].norm()
+    expected[ids[2]] = grad[2].norm()
+    assert torch.allclose(ada.importance, expected)
+    ada.eval()  # evaluation reads leave the importance alone
+    ada.compose(index, feature).sum().backward()
+    assert torch.allclose(ada.importance, expected)
+
+
 def test_adaembed_counts_its_row_map():
     ada = build("adaembed")
     assert ada.num_parameters() == ada.table.numel() + 2 * ada.dedicated
