@@ -199,6 +199,20 @@ def test_a_report_says_how_much_of_the_grid_is_missing(swept, tmp_path):
     text = write_report(results, tmp_path / "report").read_text()
     assert "Runs: 3 finished runs in 3 cells (3 with 1 seed), 0 refused, 0 failed, 1 interrupted" in text
     assert "| 1x | hashing |" not in text
+    assert "‡" not in text  # every run on this machine and version
+
+
+def test_a_cell_whose_seeds_ran_on_different_versions_is_marked(swept, tmp_path):
+    spec, swept_results, _ = swept
+    results = tmp_path / "results.db"
+    with ResultStore(swept_results) as store:
+        store.conn.execute("VACUUM INTO ?", (str(results),))
+    run_sweep(tiny_spec(spec.data_dir, seeds=[1], methods=["hashing"], budgets=["1x"]), results, progress=False)
+    with sqlite3.connect(results) as conn:
+        conn.execute("UPDATE runs SET package_version = '0.0.1' WHERE seed = 1")
+    text = write_report(results, tmp_path / "report").read_text()
+    assert "| 2‡ |" in text and "| 1‡ |" not in text
+    assert "‡: the cell's seeds ran under more than one package version or platform" in text
 
 
 def test_a_sweep_in_two_workers_gives_the_results_of_one_process(swept, tmp_path):

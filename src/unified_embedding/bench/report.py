@@ -37,6 +37,7 @@ PRODUCT = "unified"
 BASELINE = "hashing"
 #: The report's raw data beside it: `ResultStore.export` of the runs it shows.
 RUNS_FILE = "runs.jsonl"
+MIXED_MARK = "‡"
 #: config fields that vary inside one section (the grid's axes) or do not define a result
 _AXES = ("method", "budget", "seed", "method_options", "data_dir", "checkpoint_every")
 
@@ -53,6 +54,9 @@ class Cell:
     auc: np.ndarray
     logloss: np.ndarray
     seconds: float  # mean wall seconds per run
+    #: its seeds ran under more than one package version or platform (their bits may differ by
+    #: more than the seeds do: docs/performance.md)
+    mixed: bool = False
 
     @property
     def n(self) -> int:
@@ -249,6 +253,7 @@ def load_sections(store: ResultStore, datasets: Sequence[str] | None = None) -> 
                     bytes=float(np.mean([r["num_embedding_bytes"] for r in items])),
                     auc=np.array([r["test_auc"] for r in items]), logloss=np.array([r["test_logloss"] for r in items]),
                     seconds=float(np.mean([r["wall_seconds"] or r["train_seconds"] or 0 for r in items])),
+                    mixed=len({(r["package_version"], r["platform"]) for r in items}) > 1,
                 )
             )  # fmt: skip
         # refused runs get their budget's resolved size from a finished run at that budget
@@ -573,10 +578,19 @@ def _section_lines(section: Section, out: Path, note: str | None) -> list[str]:
         front = {id(c) for c in frontier(cells)}
         for c in cells:
             lines.append(
-                f"| {budget} | {c.method} | {c.params:,.0f} | {c.bytes:,.0f} | {c.n} | {format_stats(c.auc_stats)} | "
+                f"| {budget} | {c.method} | {c.params:,.0f} | {c.bytes:,.0f} | {c.n}{MIXED_MARK if c.mixed else ''} | "
+                f"{format_stats(c.auc_stats)} | "
                 f"{format_stats(c.logloss_stats)} | {c.seconds:,.1f} | {'★' if id(c) in front else ''} |"
             )
     lines.append("")
+    if any(c.mixed for c in section.cells):
+        lines += [
+            (
+                f"{MIXED_MARK}: the cell's seeds ran under more than one package version or platform ({RUNS_FILE} "
+                "says which); a method's results can move between them by more than between seeds."
+            ),
+            "",
+        ]
     if section.refused:
         lines += ["Refused (the method cannot meet the budget):", ""]
         seen = set()

@@ -293,14 +293,17 @@ class ResultStore:
     def merge(self, source: str | Path) -> MergeCounts:
         """Add the finished and refused runs of `source` (an `export` file, or another database).
 
-        A run this database has already finished or refused is kept as it is; sweeps are copied
-        once (matched by command and start time), so merging the same source twice adds nothing.
+        A run this database has already finished or refused is kept as it is. The sweeps that
+        ran the added runs come with them (once: matched by command and start time), so
+        merging the same source twice adds nothing.
         """
         sweeps, runs = _read_results(Path(source))
-        added = kept = 0
         with self.transaction() as conn:
+            done = self.done_fingerprints()
+            new = [(run, decomposition) for run, decomposition in runs if run["fingerprint"] not in done]
+            needed = {run["sweep_id"] for run, _ in new}
             sweep_ids: dict[int, int] = {}
-            for sweep in sweeps:
+            for sweep in (s for s in sweeps if s["id"] in needed):
                 found = conn.execute(
                     "SELECT id FROM sweeps WHERE command = ? AND started_at = ?",
                     (sweep["command"], sweep["started_at"]),
@@ -311,19 +314,14 @@ class ResultStore:
                     }
                     found = (conn.execute(_insert("sweeps", row), tuple(row.values())).lastrowid,)
                 sweep_ids[sweep["id"]] = int(found[0])
-            done = self.done_fingerprints()
-            for run, decomposition in runs:
-                if run["fingerprint"] in done:
-                    kept += 1
-                    continue
+            for run, decomposition in new:
                 row = run | {
                     "config": json.dumps(run["config"], sort_keys=True),
                     "result": None if run["result"] is None else json.dumps(run["result"], sort_keys=True),
                     "sweep_id": sweep_ids.get(run["sweep_id"]),
                 }
                 _put_run(conn, row, decomposition)
-                added += 1
-        return MergeCounts(added, kept)
+        return MergeCounts(added=len(new), kept=len(runs) - len(new))
 
 
 class MergeCounts(NamedTuple):
