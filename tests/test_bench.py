@@ -160,6 +160,14 @@ def test_a_reports_runs_file_merges_into_a_new_database_that_reports_the_same(sw
     run_sweep(tiny_spec(spec.data_dir, budgets=["0.3x"], methods=["hashing"]), extra, progress=False)
     with ResultStore(merged) as store:
         assert store.merge(extra) == (1, 0) and len(store.runs()) == 5
+    # two sweeps of one command that started within the same second stay two
+    same_second = tmp_path / "same_second.db"
+    with ResultStore(results) as original:
+        original.conn.execute("VACUUM INTO ?", (str(same_second),))
+    with sqlite3.connect(same_second) as conn:
+        conn.execute("UPDATE sweeps SET started_at = '2026-01-01T00:00:00+00:00'")
+    with ResultStore(tmp_path / "fresh.db") as store:
+        assert store.merge(same_second) == (4, 0) and len(store.sweeps()) == 2
 
 
 def test_merge_names_the_line_of_a_broken_runs_file(tmp_path):

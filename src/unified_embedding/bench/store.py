@@ -294,7 +294,8 @@ class ResultStore:
         """Add the finished and refused runs of `source` (an `export` file, or another database).
 
         A run this database has already finished or refused is kept as it is. The sweeps that
-        ran the added runs come with them (once: matched by command and start time), so
+        ran the added runs come with them, once: a sweep equal in every field to one already
+        here is that one (two sweeps of one command can start within the same second). So
         merging the same source twice adds nothing.
         """
         sweeps, runs = _read_results(Path(source))
@@ -304,14 +305,12 @@ class ResultStore:
             needed = {run["sweep_id"] for run, _ in new}
             sweep_ids: dict[int, int] = {}
             for sweep in (s for s in sweeps if s["id"] in needed):
-                found = conn.execute(
-                    "SELECT id FROM sweeps WHERE command = ? AND started_at = ?",
-                    (sweep["command"], sweep["started_at"]),
-                ).fetchone()
+                row = {k: v for k, v in sweep.items() if k != "id"} | {
+                    "spec": json.dumps(sweep["spec"], sort_keys=True)
+                }
+                match = " AND ".join(f"{name} IS ?" for name in row)
+                found = conn.execute(f"SELECT id FROM sweeps WHERE {match}", tuple(row.values())).fetchone()
                 if found is None:
-                    row = {k: v for k, v in sweep.items() if k != "id"} | {
-                        "spec": json.dumps(sweep["spec"], sort_keys=True)
-                    }
                     found = (conn.execute(_insert("sweeps", row), tuple(row.values())).lastrowid,)
                 sweep_ids[sweep["id"]] = int(found[0])
             for run, decomposition in new:
