@@ -4,13 +4,14 @@ Large-Scale Recommendation Models", OSDI 2023).
 A fixed table of `dedicated` rows goes to the values that matter most now, and every other
 value reads a row of a small `hashed` table shared by all features (each feature hashing
 with its own salt, as multiplexing does). What matters is measured online, as AdaEmbed
-does, by a running importance per value: the norms of the gradients of its reads, summed
-(a gradient hook on the looked-up vectors; so a value read often, or read where the loss
-is still learning from it, matters more), decayed by `decay` at every re-assignment, so it
+does, by a running importance per value: the norms of the gradients of its reads, summed (a
+gradient hook on the looked-up vectors; so a value read often, or read where the loss is
+still learning from it, matters more), decayed by `decay` at every re-assignment, so it
 follows the data as it moves. Every `reassign_every` optimizer steps (`after_step`) the
-`dedicated` most important values own the dedicated rows: a value that dropped out gives its row back (and reads its hashed row
-again), a value that rose takes a free row, which starts as the hashed vector it was
-reading, so its output does not jump. Before the first re-assignment every value is hashed.
+`dedicated` most important values own the dedicated rows: a value that dropped out gives
+its row back (and reads its hashed row again), a value that rose takes a free row, which
+starts as the hashed vector it was reading, so its output does not jump. Before the first
+re-assignment every value is hashed.
 
 Counting. A deployment stores both tables and the value -> row map of the dedicated rows:
 one 64-bit key per dedicated row (two 32-bit words; rows are put in key order when exported,
@@ -50,7 +51,7 @@ DEFAULT_DEDICATED_FRACTION = 0.5
 #: rows (dedicated and hashed) per training-split value that the default width leaves room for
 DEFAULT_ROWS_PER_VALUE = 0.5
 DEFAULT_REASSIGN_EVERY = 20
-#: importance kept at each re-assignment: with 20 steps between, a batch's count halves in ~130 steps
+#: importance kept at each re-assignment: with 20 steps between, a batch's share halves in ~130 steps
 DEFAULT_DECAY = 0.9
 
 
@@ -59,7 +60,7 @@ class AdaEmbedEmbedding(PerIdEmbedding):
     """Dedicated rows for the currently most important values, re-assigned every few steps; the rest hashed."""
 
     name = "adaembed"
-    description = "dedicated rows for the most-read values, re-assigned as the data moves; the rest share hashed rows"
+    description = "dedicated rows for the values whose reads carry the most gradient, re-assigned as the data moves; the rest hashed"
     paper = "Lai et al., AdaEmbed: Adaptive Embedding for Large-Scale Recommendation Models, OSDI 2023"
 
     def __init__(
