@@ -60,7 +60,7 @@ class AdaEmbedEmbedding(PerIdEmbedding):
     """Dedicated rows for the currently most important values, re-assigned every few steps; the rest hashed."""
 
     name = "adaembed"
-    description = "dedicated rows for the values whose reads carry the most gradient, re-assigned as the data moves; the rest hashed"
+    description = "dedicated rows for the values with the most gradient, re-assigned as the data moves; the rest hashed"
     paper = "Lai et al., AdaEmbed: Adaptive Embedding for Large-Scale Recommendation Models, OSDI 2023"
 
     def __init__(
