@@ -117,6 +117,18 @@ def test_database_is_wal_and_a_failed_commit_leaves_nothing_half_written(swept, 
         assert store.status(config.fingerprint()) == "running" and store.decompositions() == {}
 
 
+def test_a_runs_row_carries_the_versions_its_worker_ran_under(tmp_path, data_dir):
+    """A sweep's workers import the package afresh for each run: their versions, not the parent's, are the run's."""
+    config = tiny_spec(data_dir).configs()[0]
+    worker = {"unified_embedding": "9.9.9", "torch": "2.99.0", "python": "3.99.0", "platform": "elsewhere, AVX2"}
+    with ResultStore(tmp_path / "r.db") as store:
+        store.record_finished(config, {"test_auc": 0.7, "versions": worker}, wall_seconds=1.0)
+        (run,) = store.runs()
+    assert (run["package_version"], run["torch_version"], run["python_version"], run["platform"]) == (
+        "9.9.9", "2.99.0", "3.99.0", "elsewhere, AVX2"
+    )  # fmt: skip
+
+
 def test_report_has_tables_frontier_verdicts_and_plots(swept, tmp_path):
     spec, results, _ = swept
     out = tmp_path / "report"

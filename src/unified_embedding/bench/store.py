@@ -106,9 +106,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def versions() -> dict[str, str]:
-    """`provenance.versions` under the results table's column names."""
-    found = provenance.versions()
+def versions(found: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`found` (a run's own `versions`), else this process's, under the results table's column names."""
+    found = found or provenance.versions()
     return {
         "package_version": found["unified_embedding"],
         "torch_version": found["torch"],
@@ -238,6 +238,7 @@ class ResultStore:
                 result = {**result, "test_auc": result["auc"], "test_logloss": result["logloss"],
                           "train_seconds": result["seconds"]}  # fmt: skip
             row.update({key: result.get(key) for key in _RESULT_COLUMNS})
+            row.update(versions(result.get("versions")))  # the worker's own: it imported the code it ran
             row["budget_params"] = result.get("budget")
             row["result"] = json.dumps(result, sort_keys=True)
         with self.transaction() as conn:
