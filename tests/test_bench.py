@@ -118,7 +118,7 @@ def test_database_is_wal_and_a_failed_commit_leaves_nothing_half_written(swept, 
 
 
 def test_a_runs_row_carries_the_versions_its_worker_ran_under(tmp_path, data_dir):
-    """A sweep's workers import the package afresh for each run: their versions, not the parent's, are the run's."""
+    """A row takes the versions its worker reported, not the parent's: a resumed sweep may run newer code."""
     config = tiny_spec(data_dir).configs()[0]
     worker = {"unified_embedding": "9.9.9", "torch": "2.99.0", "python": "3.99.0", "platform": "elsewhere, AVX2"}
     with ResultStore(tmp_path / "r.db") as store:
