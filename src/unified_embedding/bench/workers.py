@@ -29,6 +29,7 @@ import torch
 #: optimizer imports torch._dynamo, which takes 1.7 s (and starts no thread, so forking after it is safe).
 PRELOAD = ("torch._dynamo",)
 
+
 def run_in_workers(
     function: Callable[..., Any],
     tasks: Sequence[tuple[Any, tuple]],
