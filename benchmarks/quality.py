@@ -52,6 +52,11 @@ def main() -> None:
                           f"({result['train_seconds']:.0f} s)", flush=True)  # fmt: skip
     print(f"\n{len(runs)} runs in {time.time() - started:.0f} s\n")
     print(table(runs))
+    write_runs(args, runs)
+
+
+def write_runs(args: argparse.Namespace, runs: list[dict]) -> None:
+    """The runs, the arguments and the versions they ran under, as JSON at `args.output`."""
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "versions": versions(), "runs": runs}, indent=2) + "\n")

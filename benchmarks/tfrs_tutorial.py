@@ -32,9 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pv
 import torch
-from quality import table
+from quality import table, write_runs
 
-from unified_embedding.provenance import versions
 from unified_embedding.train import TrainConfig, Trainer
 
 #: The tutorial's printed results (mean over 5 runs): test AUC and log loss.
@@ -109,10 +108,7 @@ def main() -> None:
     print(table(runs))
     print("\nThe tutorial's printed figures (5 runs, 20 % test split): "
           + ", ".join(f"{m} AUC {auc:.3f} log loss {ll:.3f}" for m, (auc, ll) in TUTORIAL.items()))  # fmt: skip
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "versions": versions(), "runs": runs}, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_runs(args, runs)
 
 
 if __name__ == "__main__":
