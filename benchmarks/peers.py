@@ -11,7 +11,7 @@ part; ours is stacked.
 
     pip install --no-deps deepctr-torch==0.3.0 fuxictr==2.3.10   # no-deps: keep the CPU torch
     pip install pandas pyyaml h5py polars ray                      # what fuxictr imports
-    python benchmarks/peers.py --data-dir ../shared/datasets --datasets movielens-100k,frappe
+    python benchmarks/peers.py --data-dir ../shared/datasets --datasets movielens-100k,frappe --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import io
 import json
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality import write_runs
+from quality import mean_se, write_runs
 from sklearn.metrics import log_loss, roc_auc_score
 
 from unified_embedding.data import CTRData, load_dataset, split_indices, vocabularies
@@ -236,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--datasets", default="movielens-100k,frappe")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (the split stays split seed 0)")
     parser.add_argument("--output", default="benchmarks/results/peers.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -246,18 +247,23 @@ def main() -> None:
         split = split_indices(data, seed=0)
         vocab = vocabularies(data, split.train)
         splits = {name: code_split(data, getattr(split, name), vocab) for name in ("train", "valid", "test")}
-        runs = [train_ours(dataset, args.data_dir, "full", "1x", args.seed),
-                train_ours(dataset, args.data_dir, "unified", "0.25x", args.seed),
-                train_deepctr(data, splits, vocab, args.seed), train_fuxictr(data, splits, vocab, args.seed)]  # fmt: skip
-        for run in runs:
-            rows.append({"dataset": dataset, **run})
-            print(json.dumps(rows[-1]), flush=True)
-    print("\n| dataset | library and model | embedding params | val AUC | test AUC | test log loss | epochs "
-          "(best) | train s | s / epoch |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    for r in rows:
-        print(f"| {r['dataset']} | {r['library']} | {r['embedding_params']:,} | {r['val_auc']:.4f} | "
-              f"{r['test_auc']:.4f} | {r['test_logloss']:.4f} | {r['epochs_run']} ({r['best_epoch']}) | "
-              f"{r['train_seconds']:.0f} | {r['train_seconds'] / r['epochs_run']:.1f} |")  # fmt: skip
+        for seed in map(int, args.seeds.split(",")):
+            runs = [train_ours(dataset, args.data_dir, "full", "1x", seed),
+                    train_ours(dataset, args.data_dir, "unified", "0.25x", seed),
+                    train_deepctr(data, splits, vocab, seed), train_fuxictr(data, splits, vocab, seed)]  # fmt: skip
+            for run in runs:
+                rows.append({"dataset": dataset, "seed": seed, **run})
+                print(json.dumps(rows[-1]), flush=True)
+    print("\n| dataset | library and model | embedding params | seeds | val AUC | test AUC | test log loss | "
+          "best epoch | s / epoch |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["library"]), []).append(row)
+    for (dataset, library), group in groups.items():
+        print(f"| {dataset} | {library} | {group[0]['embedding_params']:,} | {len(group)} | "
+              f"{mean_se([r['val_auc'] for r in group])} | {mean_se([r['test_auc'] for r in group])} | "
+              f"{mean_se([r['test_logloss'] for r in group])} | {statistics.mean(r['best_epoch'] for r in group):.1f} | "
+              f"{statistics.mean(r['train_seconds'] / r['epochs_run'] for r in group):.1f} |")  # fmt: skip
     write_runs(args, rows)
 
 

@@ -72,13 +72,13 @@ def table(runs: list[dict]) -> str:
     for (dataset, budget, method), group in groups.items():
         lines.append(
             f"| {dataset} | {budget} | {method} | {group[0]['num_embedding_params']:,} | {len(group)} | "
-            f"{_mean_se([r['test_auc'] for r in group])} | {_mean_se([r['test_logloss'] for r in group])} | "
+            f"{mean_se([r['test_auc'] for r in group])} | {mean_se([r['test_logloss'] for r in group])} | "
             f"{statistics.mean(r['train_seconds'] for r in group):.0f} |"
         )
     return "\n".join(lines)
 
 
-def _mean_se(values: list[float]) -> str:
+def mean_se(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) / len(values) ** 0.5:.4f}"
