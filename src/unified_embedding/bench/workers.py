@@ -13,6 +13,7 @@ runs training on behind the one that resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -107,8 +108,6 @@ def _worker(
 
 def _exit_with_parent(parent_alive: Connection) -> None:
     """Block until the parent's end of the pipe closes (the parent never writes), then exit."""
-    try:
+    with contextlib.suppress(EOFError):
         parent_alive.recv()
-    except EOFError:
-        pass
     os._exit(1)
