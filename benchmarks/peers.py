@@ -22,7 +22,6 @@ import copy
 import io
 import json
 import math
-import shutil
 import statistics
 import tempfile
 import time
@@ -144,71 +143,72 @@ def train_fuxictr(data: CTRData, splits: dict[str, Coded], vocab: dict[str, np.n
     from fuxictr.pytorch.torch_utils import seed_everything
 
     seed_everything(seed)
-    workdir = tempfile.mkdtemp(prefix="fuxictr-")
-    feature_map = FeatureMap("peers", workdir)
-    feature_map.labels, feature_map.default_emb_dim = ["label"], EMBEDDING_DIM
-    for feature in data.features:
-        if feature.kind is FeatureKind.CATEGORICAL:
-            spec = {"type": "categorical", "vocab_size": len(vocab[feature.name]) + 1}
-        elif feature.kind is FeatureKind.MULTIVALENT:
-            pooling = "MaskedAveragePooling" if feature.pooling.value == "mean" else "MaskedSumPooling"
-            spec = {"type": "sequence", "vocab_size": len(vocab[feature.name]) + 2, "padding_idx": 0,
-                    "max_len": splits["train"].columns[feature.name].shape[1],
-                    "feature_encoder": f"layers.{pooling}()"}  # fmt: skip
-        else:
-            spec = {"type": "numeric"}
-        feature_map.features[feature.name] = {"source": "", **spec}
-    feature_map.num_fields = feature_map.get_num_fields()
-    dense_names = [f.name for f in data.features if f.kind is FeatureKind.DENSE]
-    eval_seconds = [0.0]
+    with tempfile.TemporaryDirectory(prefix="fuxictr-") as workdir:  # removed on errors too
+        feature_map = FeatureMap("peers", workdir)
+        feature_map.labels, feature_map.default_emb_dim = ["label"], EMBEDDING_DIM
+        for feature in data.features:
+            if feature.kind is FeatureKind.CATEGORICAL:
+                spec = {"type": "categorical", "vocab_size": len(vocab[feature.name]) + 1}
+            elif feature.kind is FeatureKind.MULTIVALENT:
+                pooling = "MaskedAveragePooling" if feature.pooling.value == "mean" else "MaskedSumPooling"
+                spec = {"type": "sequence", "vocab_size": len(vocab[feature.name]) + 2, "padding_idx": 0,
+                        "max_len": splits["train"].columns[feature.name].shape[1],
+                        "feature_encoder": f"layers.{pooling}()"}  # fmt: skip
+            else:
+                spec = {"type": "numeric"}
+            feature_map.features[feature.name] = {"source": "", **spec}
+        feature_map.num_fields = feature_map.get_num_fields()
+        dense_names = [f.name for f in data.features if f.kind is FeatureKind.DENSE]
+        eval_seconds = [0.0]
 
-    class StackedDCNv2(BaseModel):
-        def __init__(self) -> None:
-            super().__init__(feature_map, model_id="DCNv2", verbose=0, model_root=workdir, metrics=["AUC", "logloss"])
-            self.embedding = FeatureEmbedding(feature_map, EMBEDDING_DIM)
-            width = feature_map.sum_emb_out_dim()
-            self.cross = CrossNetV2(width, 3)
-            self.mlp = MLP_Block(width, hidden_units=list(HIDDEN), output_dim=1, dropout_rates=0.3, batch_norm=True)
-            self.compile("adam", "binary_crossentropy", 1e-3)
-            self.reset_parameters()
+        class StackedDCNv2(BaseModel):
+            def __init__(self) -> None:
+                super().__init__(
+                    feature_map, model_id="DCNv2", verbose=0, model_root=workdir, metrics=["AUC", "logloss"]
+                )
+                self.embedding = FeatureEmbedding(feature_map, EMBEDDING_DIM)
+                width = feature_map.sum_emb_out_dim()
+                self.cross = CrossNetV2(width, 3)
+                self.mlp = MLP_Block(width, hidden_units=list(HIDDEN), output_dim=1, dropout_rates=0.3, batch_norm=True)
+                self.compile("adam", "binary_crossentropy", 1e-3)
+                self.reset_parameters()
 
-        def forward(self, inputs):
-            features = self.embedding(self.get_inputs(inputs), flatten_emb=True)
-            return {"y_pred": self.output_activation(self.mlp(self.cross(features)))}
+            def forward(self, inputs):
+                features = self.embedding(self.get_inputs(inputs), flatten_emb=True)
+                return {"y_pred": self.output_activation(self.mlp(self.cross(features)))}
 
-        def eval_step(self):
-            started = time.perf_counter()
-            super().eval_step()
-            eval_seconds[0] += time.perf_counter() - started
+            def eval_step(self):
+                started = time.perf_counter()
+                super().eval_step()
+                eval_seconds[0] += time.perf_counter() - started
 
-    class Batches:
-        """What FuxiCTR's loop takes: a sized iterable of dicts of tensors, reshuffled each pass when training."""
+        class Batches:
+            """What FuxiCTR's loop takes: a sized iterable of dicts of tensors, reshuffled each pass when training."""
 
-        def __init__(self, part: Coded, train: bool) -> None:
-            self.columns = {name: torch.from_numpy(codes) for name, codes in part.columns.items()}
-            self.columns |= {name: torch.from_numpy(part.dense[:, i].copy()) for i, name in enumerate(dense_names)}
-            self.columns["label"] = torch.from_numpy(part.labels)
-            self.rows, self.train = len(part.labels), train
-            self.size = BATCH_SIZE if train else 4096
-            self.rng = np.random.default_rng(seed)
+            def __init__(self, part: Coded, train: bool) -> None:
+                self.columns = {name: torch.from_numpy(codes) for name, codes in part.columns.items()}
+                self.columns |= {name: torch.from_numpy(part.dense[:, i].copy()) for i, name in enumerate(dense_names)}
+                self.columns["label"] = torch.from_numpy(part.labels)
+                self.rows, self.train = len(part.labels), train
+                self.size = BATCH_SIZE if train else 4096
+                self.rng = np.random.default_rng(seed)
 
-        def __len__(self) -> int:
-            return math.ceil(self.rows / self.size)
+            def __len__(self) -> int:
+                return math.ceil(self.rows / self.size)
 
-        def __iter__(self):
-            order = torch.from_numpy(self.rng.permutation(self.rows)) if self.train else torch.arange(self.rows)
-            for i in range(0, self.rows, self.size):
-                yield {name: column[order[i : i + self.size]] for name, column in self.columns.items()}
+            def __iter__(self):
+                order = torch.from_numpy(self.rng.permutation(self.rows)) if self.train else torch.arange(self.rows)
+                for i in range(0, self.rows, self.size):
+                    yield {name: column[order[i : i + self.size]] for name, column in self.columns.items()}
 
-    model = StackedDCNv2()
-    Path(model.model_dir).mkdir(parents=True)  # where fit keeps the best epoch's weights
-    started = time.perf_counter()
-    model.fit(Batches(splits["train"], True), epochs=MAX_EPOCHS, validation_data=Batches(splits["valid"], False))
-    train_seconds = time.perf_counter() - started - eval_seconds[0]
-    epochs = model._epoch_index + 1
-    scores = model.predict(Batches(splits["test"], False))
-    embedding_params = sum(p.numel() for p in model.embedding.parameters())
-    shutil.rmtree(workdir)
+        model = StackedDCNv2()
+        Path(model.model_dir).mkdir(parents=True)  # where fit keeps the best epoch's weights
+        started = time.perf_counter()
+        model.fit(Batches(splits["train"], True), epochs=MAX_EPOCHS, validation_data=Batches(splits["valid"], False))
+        train_seconds = time.perf_counter() - started - eval_seconds[0]
+        epochs = model._epoch_index + 1
+        scores = model.predict(Batches(splits["test"], False))
+        embedding_params = sum(p.numel() for p in model.embedding.parameters())
     return _result("FuxiCTR layers + BaseModel.fit, DCNv2 (stacked)", splits, model._best_metric, scores,
                    epochs - model._stopping_steps, epochs, train_seconds, embedding_params)  # fmt: skip
 
