@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +96,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         toml = write_task(Path(args.data_dir) / "movielens-100k", Path(tmp))
+        os.environ["UE_CACHE_DIR"] = str(Path(tmp) / "cache")  # the task's files are temporary; so is their cache
         for method, budget, options in arms:
             for seed in map(int, args.seeds.split(",")):
                 config = TrainConfig(dataset=str(toml), method=method, budget=budget, seed=seed,
