@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,6 +35,7 @@ from unified_embedding.embeddings import EmbeddingMethod, FullEmbedding, build_e
 from unified_embedding.embeddings.base import resolve_budget
 from unified_embedding.features import FeatureSet
 from unified_embedding.lowrank import apply_compression
+from unified_embedding.metrics import split_metrics
 from unified_embedding.models import MODELS
 from unified_embedding.network import CTRNetwork
 from unified_embedding.provenance import versions
@@ -264,12 +264,7 @@ def predict(network: nn.Module, loader: BatchLoader) -> tuple[np.ndarray, np.nda
 def evaluate(network: nn.Module, loader: BatchLoader) -> dict[str, float]:
     """AUC and log loss (scikit-learn) of the network on a split."""
     scores, labels = predict(network, loader)
-    if len(np.unique(labels)) < 2:
-        raise ValueError("AUC needs both classes in the evaluated split")
-    return {
-        "auc": float(roc_auc_score(labels, scores)),
-        "logloss": float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
-    }
+    return split_metrics(labels, scores)
 
 
 class Trainer:

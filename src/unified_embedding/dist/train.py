@@ -48,7 +48,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -59,6 +58,7 @@ from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
 from unified_embedding.data import BatchLoader
 from unified_embedding.dist.modules import TABLE, check_shardable, single_state_dict, to_torchrec
 from unified_embedding.dist.sharding import EBC_PATH, combined_optimizer, shard_network
+from unified_embedding.metrics import split_metrics
 from unified_embedding.train import TrainConfig, build_network, prepare, run_record
 
 #: The run writes the single-process model file (run.pt) when the table is at most this big.
@@ -199,12 +199,7 @@ class DistributedTrainer:
         dist.all_gather_object(gathered, (np.concatenate(scores), np.concatenate(labels)))
         all_scores = np.concatenate([s for s, _ in gathered])
         all_labels = np.concatenate([y for _, y in gathered])
-        if len(np.unique(all_labels)) < 2:
-            raise ValueError("AUC needs both classes in the evaluated split")
-        return {
-            "auc": float(roc_auc_score(all_labels, all_scores)),
-            "logloss": float(log_loss(all_labels, np.clip(all_scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        }
+        return split_metrics(all_labels, all_scores)
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self, model: nn.Module, optimizer, state: dict[str, Any]) -> None:

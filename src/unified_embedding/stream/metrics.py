@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
+
+from unified_embedding.metrics import EPS, auc, logloss
 
 #: histogram bins over [0, 1]; AUC error is at most the share of positive-negative pairs within one bin
 BINS = 1 << 16
-#: scores are clipped to [EPS, 1 - EPS] for log loss, as `train.evaluate` does
-EPS = 1e-7
 
 
 def window_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     """Exact AUC (None with one class) and log loss (None when empty) of one window."""
     if len(labels) == 0:
         return {"auc": None, "logloss": None}
-    auc = float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
-    return {"auc": auc, "logloss": float(log_loss(labels, np.clip(scores, EPS, 1 - EPS), labels=[0, 1]))}
+    return {"auc": auc(labels, scores), "logloss": logloss(labels, scores)}
 
 
 class StreamingMetrics:
