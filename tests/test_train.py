@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from unified_embedding import checkpoint
 from unified_embedding.cli import main
+from unified_embedding.models import MODELS
 from unified_embedding.train import Optimizers, TrainConfig, Trainer, evaluate_run
 
 SMALL_MODEL = {"hidden": [32, 32], "num_cross_layers": 1}
@@ -168,10 +170,10 @@ def test_the_fused_update_leaves_the_table_out_of_the_torch_optimizer(data_dir):
 
 
 def test_embedding_weight_decay_reaches_the_embedding_only(data_dir):
-    from unified_embedding.train import DEFAULT_EMBEDDING_WEIGHT_DECAY, build_network, prepare
+    from unified_embedding.train import build_network, prepare
 
     config = small_config(data_dir)
-    assert config.embedding_weight_decay == DEFAULT_EMBEDDING_WEIGHT_DECAY
+    assert config.embedding_weight_decay == 1e-2  # the deep backbones' default
     network = build_network(config, prepare(config))
     groups = Optimizers(network, "adam", None, embedding_weight_decay=0.01).optimizers[0].param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
@@ -181,6 +183,14 @@ def test_embedding_weight_decay_reaches_the_embedding_only(data_dir):
     assert small_config(data_dir, sparse=True).embedding_weight_decay == 0.0  # torch's sparse optimizers take none
     with pytest.raises(ValueError, match="no weight decay"):
         small_config(data_dir, sparse=True, embedding_weight_decay=0.01).validate()
+
+
+def test_embedding_weight_decay_defaults_per_model_and_yields_to_an_explicit_value(data_dir):
+    defaults = {model: small_config(data_dir, model=model).embedding_weight_decay for model in MODELS}
+    assert defaults == {"lr": 1e-3, "fm": 1e-3, "deepfm": 1e-2, "dcnv2": 1e-2, "dlrm": 1e-2, "mlp": 1e-2}
+    assert small_config(data_dir, model="lr", embedding_weight_decay=0.0).embedding_weight_decay == 0.0
+    resolved = small_config(data_dir, model="fm")
+    assert TrainConfig.from_dict(asdict(resolved)).fingerprint() == resolved.fingerprint()  # run.json round trip
 
 
 def test_networks_and_thresholds_inside_a_method_are_not_decayed():

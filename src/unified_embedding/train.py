@@ -42,11 +42,6 @@ from unified_embedding.provenance import versions
 
 #: Learning rates that work for each optimizer out of the box (Adagrad needs a larger step).
 DEFAULT_LR = {"adam": 1e-3, "adagrad": 1e-2}
-#: L2 on the embedding's parameters, added to their gradients as torch's optimizers do. Chosen
-#: on the validation splits: against none it raised DCNv2's validation AUC on MovieLens-100K
-#: (full 1x: 0.7918 -> 0.8026; unified 0.25x: 0.7896 -> 0.7901), Frappe (unified 0.25x:
-#: 0.9535 -> 0.9575) and the Criteo sample (0.7472 -> 0.7500); 1e-3..1e-1 were tried.
-DEFAULT_EMBEDDING_WEIGHT_DECAY = 1e-2
 
 
 @dataclass
@@ -65,7 +60,8 @@ class TrainConfig:
     optimizer: Literal["adam", "adagrad"] = "adam"
     sparse: bool = False
     fused: bool = False
-    #: None: DEFAULT_EMBEDDING_WEIGHT_DECAY, or 0 with `sparse` (torch's sparse optimizers take none)
+    #: L2 on the embedding's rows, added to their gradients as torch's optimizers do. None: the
+    #: model's `embedding_weight_decay`, or 0 with `sparse` (torch's sparse optimizers take none)
     embedding_weight_decay: float | None = None
     split: Literal["random", "time"] = "random"
     split_seed: int = 0
@@ -78,7 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.embedding_weight_decay is None:  # resolved at once, so fingerprints see the value used
-            self.embedding_weight_decay = 0.0 if self.sparse else DEFAULT_EMBEDDING_WEIGHT_DECAY
+            model = MODELS.get(self.model)  # an unknown model is refused by `validate`
+            self.embedding_weight_decay = 0.0 if self.sparse or model is None else model.embedding_weight_decay
 
     def validate(self) -> TrainConfig:
         get_method(self.method)

@@ -36,6 +36,12 @@ class CTRModel(nn.Module, abc.ABC):
     the embedding method and the model fails with a message naming both widths.
     """
 
+    #: L2 on the embedding's per-id rows that training uses unless told otherwise. Chosen on
+    #: validation splits per kind of model: deep backbones (DCNv2, DeepFM, MLP) gain from 1e-2
+    #: over none; models linear in the embedding (LR, FM) set their own, smaller value, since
+    #: there the rows are the whole model (docs/methods.md, "Embedding weight decay per model").
+    embedding_weight_decay: float = 1e-2
+
     def __init__(self, feature_dims: Sequence[int], num_dense: int) -> None:
         super().__init__()
         dims = tuple(feature_dims)

@@ -21,6 +21,9 @@ from unified_embedding.models.layers import fm_second_order, xavier_linear
 class FM(CTRModel):
     """First-order linear term on concat(emb, dense) + FM second-order term over fields."""
 
+    #: validation AUC against 1e-2 (`full` 1x): higher on 4 of 5 datasets, by 0.006-0.040
+    embedding_weight_decay = 1e-3
+
     def __init__(self, feature_dims: Sequence[int], num_dense: int) -> None:
         super().__init__(feature_dims, num_dense)
         self._warn_if_narrow_fields()
