@@ -19,8 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 from peers import Coded, code_split
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss, roc_auc_score
 
+from unified_embedding.metrics import split_metrics
 from unified_embedding.train import TrainConfig, prepare
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -55,13 +55,13 @@ def baseline(dataset: str, data_dir: str) -> dict:
     by_c = {}
     for c in C_GRID:
         model = LogisticRegression(C=c, max_iter=2000).fit(x["train"], y["train"])
-        by_c[c] = (roc_auc_score(y["valid"], model.predict_proba(x["valid"])[:, 1]), model)
+        by_c[c] = (split_metrics(y["valid"], model.predict_proba(x["valid"])[:, 1])["auc"], model)
     best_c = max(by_c, key=lambda c: by_c[c][0])
     val_auc, model = by_c[best_c]
-    scores = model.predict_proba(x["test"])[:, 1]
+    test = split_metrics(y["test"], model.predict_proba(x["test"])[:, 1])
     weights = x["train"].shape[1] + 1
     return {"dataset": dataset, "C": best_c, "val_auc_by_C": {c: round(a, 4) for c, (a, _) in by_c.items()},
-            "val_auc": val_auc, "test_auc": roc_auc_score(y["test"], scores), "test_logloss": log_loss(y["test"], scores),
+            "val_auc": val_auc, "test_auc": test["auc"], "test_logloss": test["logloss"],
             "weights": weights, "full_embedding_params": prepared.full_parameters,
             "weights_over_0.1x_budget": weights / (0.1 * prepared.full_parameters)}  # fmt: skip
 
