@@ -15,7 +15,7 @@ from unified_embedding.bench import commands, sweep
 from unified_embedding.bench.colours import METHOD_COLOURS, method_colour
 from unified_embedding.bench.decomposition import decompose
 from unified_embedding.bench.inspect import inspect_collisions
-from unified_embedding.bench.report import Cell, dominated, frontier, write_report
+from unified_embedding.bench.report import Cell, _verdict, dominated, frontier, write_report
 from unified_embedding.bench.runs import make_config
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.summary import seeds_text
@@ -352,6 +352,19 @@ def test_frontier_and_domination():
     a, b, c = cell("a", 100, [0.70, 0.72]), cell("b", 50, [0.71, 0.71]), cell("c", 200, [0.80, 0.80])
     assert dominated(a, [a, b, c]) is b  # b: same mean AUC with fewer parameters
     assert frontier([a, b, c]) == [b, c]
+
+
+def test_a_verdict_names_a_collision_free_table_that_beats_unified_at_its_size():
+    def cell(method, params, aucs):
+        return Cell(method, "b", 100, params, 4 * params, np.array(aucs), np.array([0.5] * len(aucs)), 1.0)
+
+    unified, hashing = cell("unified", 100, [0.70, 0.71, 0.70]), cell("hashing", 100, [0.66, 0.67, 0.66])
+    beaten = _verdict("**b**", unified, [unified, hashing, cell("full", 99, [0.75, 0.76, 0.75])])
+    assert "is not on the frontier" in beaten and "the collision-free `full` fits this budget" in beaten
+    level = _verdict(
+        "**b**", unified, [unified, hashing, cell("full", 99, [0.71, 0.70, 0.70]), cell("pep", 90, [0.8] * 3)]
+    )
+    assert "`pep`" in level and "collision-free" not in level  # full is level with unified: not a cause
 
 
 def test_method_colours_are_fixed_and_distinct():
