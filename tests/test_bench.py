@@ -365,6 +365,8 @@ def test_a_verdict_names_a_collision_free_table_that_beats_unified_at_its_size()
         "**b**", unified, [unified, hashing, cell("full", 99, [0.71, 0.70, 0.70]), cell("pep", 90, [0.8] * 3)]
     )
     assert "`pep`" in level and "collision-free" not in level  # full is level with unified: not a cause
+    one_seed = _verdict("**b**", cell("unified", 100, [0.70]), [cell("unified", 100, [0.70]), cell("full", 99, [0.75])])
+    assert "collision-free" not in one_seed and "the gap may be chance" in one_seed  # one seed is no evidence
 
 
 def test_method_colours_are_fixed_and_distinct():

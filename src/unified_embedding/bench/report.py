@@ -187,7 +187,9 @@ def _verdict(head: str, u: Cell, cells: Sequence[Cell]) -> str:
 def _why_not(u: Cell, best: Cell, cells: Sequence[Cell], se: float) -> str:
     """Facts that bear on why `unified` did not win here (the report's reader, or a notes file, says more)."""
     reasons = []
-    if not math.isnan(se) and abs(u.auc_stats[0] - best.auc_stats[0]) < 2 * se:
+    if math.isnan(se):
+        reasons.append("with one seed there is no error estimate, so the gap may be chance")
+    elif abs(u.auc_stats[0] - best.auc_stats[0]) < 2 * se:
         reasons.append("the gap is inside the seed noise, so this budget does not separate the two")
     if best.params > 1.05 * u.params:
         reasons.append(f"`{best.method}` uses {best.params / u.params - 1:.0%} more parameters than `unified` here")
@@ -195,7 +197,7 @@ def _why_not(u: Cell, best: Cell, cells: Sequence[Cell], se: float) -> str:
     if collision_free:
         free = collision_free[0]
         gap, gap_se = difference(free, u)
-        if gap > 0 and (math.isnan(gap_se) or gap >= 2 * gap_se):
+        if not math.isnan(gap_se) and gap >= 2 * gap_se:  # one seed is no evidence of a cause
             reasons.append(
                 f"the collision-free `{free.method}` fits this budget ({free.params:,.0f} parameters, a row per "
                 f"training value) and scores {free.auc_stats[0]:.4f}, {_fmt_diff(gap, gap_se)} over `unified`: "
