@@ -15,7 +15,7 @@ from unified_embedding.bench import commands, sweep
 from unified_embedding.bench.colours import METHOD_COLOURS, method_colour
 from unified_embedding.bench.decomposition import decompose
 from unified_embedding.bench.inspect import inspect_collisions
-from unified_embedding.bench.report import Cell, _verdict, dominated, frontier, write_report
+from unified_embedding.bench.report import Cell, _busy_seconds, _verdict, dominated, frontier, write_report
 from unified_embedding.bench.runs import make_config
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.summary import seeds_text
@@ -367,6 +367,15 @@ def test_a_verdict_names_a_collision_free_table_that_beats_unified_at_its_size()
     assert "`pep`" in level and "collision-free" not in level  # full is level with unified: not a cause
     one_seed = _verdict("**b**", cell("unified", 100, [0.70]), [cell("unified", 100, [0.70]), cell("full", 99, [0.75])])
     assert "collision-free" not in one_seed and "the gap may be chance" in one_seed  # one seed is no evidence
+
+
+def test_sweeps_run_side_by_side_count_once_in_the_wall_time():
+    def sweep(start, seconds):
+        return {"started_at": f"2026-01-01T{start}+00:00", "wall_seconds": seconds}
+
+    # 10:00-10:10 and 10:05-10:20 overlap (20 min busy); 11:00-11:01 is apart; a sweep with no time adds nothing
+    sweeps = [sweep("10:05:00", 900.0), sweep("10:00:00", 600.0), sweep("11:00:00", 60.0), sweep("12:00:00", None)]
+    assert _busy_seconds(sweeps) == 1260.0
 
 
 def test_method_colours_are_fixed_and_distinct():
