@@ -559,7 +559,8 @@ def write_report(
             "axis shows), *bytes* what it stores. A budget like `0.1x` is a tenth of the collisionless `full` "
             "embedding's parameters on that dataset. ★ marks the frontier at each budget: the methods no other method "
             "beats with at most their parameters. Differences are given with the standard error of the difference of "
-            "means; a gap under two standard errors is noise."
+            "means; a gap under two standard errors is noise. *s / run* is a run's mean wall time, which counts "
+            "whatever else shared the machine (other runs of a `--jobs` sweep), so it compares methods only roughly."
         ),
         "",
         "Contents: "
