@@ -15,7 +15,7 @@ from unified_embedding.bench import commands, sweep
 from unified_embedding.bench.colours import METHOD_COLOURS, method_colour
 from unified_embedding.bench.decomposition import decompose
 from unified_embedding.bench.inspect import inspect_collisions
-from unified_embedding.bench.report import Cell, _busy_seconds, _verdict, dominated, frontier, write_report
+from unified_embedding.bench.report import Cell, _verdict, busy_seconds, dominated, frontier, write_report
 from unified_embedding.bench.runs import make_config
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.summary import seeds_text
@@ -345,19 +345,18 @@ def test_decomposition_shares_sum_to_one_per_shared_row(data_dir):
     assert 0 < stored["summary"]["mean_dominant_share"] <= 1
 
 
-def test_frontier_and_domination():
-    def cell(method, params, aucs):
-        return Cell(method, "b", 100, params, 4 * params, np.array(aucs), np.array([0.5] * len(aucs)), 1.0)
+def cell(method: str, params: float, aucs: list[float]) -> Cell:
+    """One budget's cell of `method` with these per-seed test AUCs."""
+    return Cell(method, "b", 100, params, 4 * params, np.array(aucs), np.array([0.5] * len(aucs)), 1.0)
 
+
+def test_frontier_and_domination():
     a, b, c = cell("a", 100, [0.70, 0.72]), cell("b", 50, [0.71, 0.71]), cell("c", 200, [0.80, 0.80])
     assert dominated(a, [a, b, c]) is b  # b: same mean AUC with fewer parameters
     assert frontier([a, b, c]) == [b, c]
 
 
 def test_a_verdict_names_a_collision_free_table_that_beats_unified_at_its_size():
-    def cell(method, params, aucs):
-        return Cell(method, "b", 100, params, 4 * params, np.array(aucs), np.array([0.5] * len(aucs)), 1.0)
-
     unified, hashing = cell("unified", 100, [0.70, 0.71, 0.70]), cell("hashing", 100, [0.66, 0.67, 0.66])
     beaten = _verdict("**b**", unified, [unified, hashing, cell("full", 99, [0.75, 0.76, 0.75])])
     assert "is not on the frontier" in beaten and "the collision-free `full` fits this budget" in beaten
@@ -375,7 +374,7 @@ def test_sweeps_run_side_by_side_count_once_in_the_wall_time():
 
     # 10:00-10:10 and 10:05-10:20 overlap (20 min busy); 11:00-11:01 is apart; a sweep with no time adds nothing
     sweeps = [sweep("10:05:00", 900.0), sweep("10:00:00", 600.0), sweep("11:00:00", 60.0), sweep("12:00:00", None)]
-    assert _busy_seconds(sweeps) == 1260.0
+    assert busy_seconds(sweeps) == 1260.0
 
 
 def test_method_colours_are_fixed_and_distinct():

@@ -385,19 +385,16 @@ def _command_lines(sweeps: list[dict[str, Any]]) -> list[str]:
             "",
         ]
     if len(by_command) > 1:
-        busy = _busy_seconds(sweeps)
+        busy = busy_seconds(sweeps)
         overlap = f" (their own times sum to {_duration(total)}: some ran side by side)" if total > busy + 1 else ""
         lines.append(f"Total wall time, while any sweep ran: **{_duration(busy)}**{overlap}.")
     return lines
 
 
-def _busy_seconds(sweeps: Sequence[Mapping[str, Any]]) -> float:
+def busy_seconds(sweeps: Sequence[Mapping[str, Any]]) -> float:
     """Seconds during which at least one sweep ran: sweeps run side by side count once."""
-    spans = sorted(
-        (start, start + (s["wall_seconds"] or 0.0))
-        for s in sweeps
-        for start in [datetime.fromisoformat(s["started_at"]).timestamp()]
-    )
+    starts = [datetime.fromisoformat(s["started_at"]).timestamp() for s in sweeps]
+    spans = sorted((start, start + (s["wall_seconds"] or 0.0)) for start, s in zip(starts, sweeps, strict=True))
     busy, reach = 0.0, -math.inf
     for start, end in spans:
         busy += max(0.0, end - max(start, reach))
