@@ -37,6 +37,10 @@ PRODUCT = "unified"
 BASELINE = "hashing"
 #: the method without collisions, where it fits the budget (`ue methods`)
 COLLISION_FREE = "full"
+#: standard errors a difference needs before the report calls it a win or a loss, not noise
+CLEAR_SE = 2.0
+#: how many more parameters than `unified` a rival may have and still count as "the same size"
+SAME_SIZE = 1.05
 #: The report's raw data beside it: `ResultStore.export` of the runs it shows.
 RUNS_FILE = "runs.jsonl"
 MIXED_MARK = "‡"
@@ -133,7 +137,13 @@ def _fmt_diff(diff: float, se: float) -> str:
     if se == 0:
         return f"{diff:+.4f} ± 0.0000 AUC"
     z = diff / se
-    verdict = "a clear win" if z >= 2 else "a clear loss" if z <= -2 else "within noise (< 2 standard errors)"
+    verdict = (
+        "a clear win"
+        if z >= CLEAR_SE
+        else "a clear loss"
+        if z <= -CLEAR_SE
+        else f"within noise (< {CLEAR_SE:g} standard errors)"
+    )
     return f"{diff:+.4f} ± {se:.4f} AUC ({z:+.1f} standard errors: {verdict})"
 
 
@@ -189,15 +199,15 @@ def _why_not(u: Cell, best: Cell, cells: Sequence[Cell], se: float) -> str:
     reasons = []
     if math.isnan(se):
         reasons.append("with one seed there is no error estimate, so the gap may be chance")
-    elif abs(u.auc_stats[0] - best.auc_stats[0]) < 2 * se:
+    elif abs(u.auc_stats[0] - best.auc_stats[0]) < CLEAR_SE * se:
         reasons.append("the gap is inside the seed noise, so this budget does not separate the two")
-    if best.params > 1.05 * u.params:
+    if best.params > SAME_SIZE * u.params:
         reasons.append(f"`{best.method}` uses {best.params / u.params - 1:.0%} more parameters than `unified` here")
-    collision_free = [c for c in cells if c.method == COLLISION_FREE and c.params <= 1.05 * u.params]
+    collision_free = [c for c in cells if c.method == COLLISION_FREE and c.params <= SAME_SIZE * u.params]
     if collision_free:
         free = collision_free[0]
         gap, gap_se = difference(free, u)
-        if not math.isnan(gap_se) and gap >= 2 * gap_se:  # one seed is no evidence of a cause
+        if not math.isnan(gap_se) and gap >= CLEAR_SE * gap_se:  # one seed is no evidence of a cause
             reasons.append(
                 f"the collision-free `{free.method}` fits this budget ({free.params:,.0f} parameters, a row per "
                 f"training value) and scores {free.auc_stats[0]:.4f}, {_fmt_diff(gap, gap_se)} over `unified`: "
