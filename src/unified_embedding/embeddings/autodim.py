@@ -117,6 +117,7 @@ class AutoDimEmbedding(FullEmbedding):
     """Per-field choice among candidate widths by softmax architecture weights, then retrain at the choice."""
 
     name = "autodim"
+    dense_only_because = "trains its projections and architecture weights with dense gradients"
     #: its search or pruning decides which float32 weights are stored; codes would need their own
     quantisable = False
     description = "AutoDim: softmax architecture weights choose each field's width among candidates; retrain in budget"
@@ -139,8 +140,6 @@ class AutoDimEmbedding(FullEmbedding):
             raise ValueError(f"autodim candidates must be widths in [1, {dim}], got {candidates}")
         if not temperature > 0:
             raise ValueError(f"autodim's temperature must be positive, got {temperature}")
-        if table_options.get("sparse"):
-            raise ValueError("autodim's projections and architecture weights have dense gradients; use sparse=False")
         require_one_width(features, f"autodim projects every feature to one width ({dim})", ValueError)
         super().__init__(features, vocabularies, dim=sum(candidates), **table_options)
         self.dim, self.candidates, self.budget, self.temperature = dim, candidates, budget, temperature

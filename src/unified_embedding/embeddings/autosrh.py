@@ -140,6 +140,7 @@ class AutoSrhEmbedding(FullEmbedding):
     """`full` with soft selection of dimension groups per frequency bucket; pruned to the budget, retrained."""
 
     name = "autosrh"
+    dense_only_because = "trains its selection weights with dense gradients"
     #: its search or pruning decides which float32 weights are stored; codes would need their own
     quantisable = False
     description = "AutoSrh: soft selection of dimension groups per frequency bucket, pruned to the budget, retrained"
@@ -161,9 +162,7 @@ class AutoSrhEmbedding(FullEmbedding):
         sparsity: float = DEFAULT_SPARSITY,
         **table_options,
     ) -> None:
-        if table_options.get("sparse"):
-            raise ValueError("autosrh trains its selection weights with dense gradients; use sparse=False")
-        require_one_width(features, f"autosrh selects dimensions of one table of width {dim}", ValueError)
+        require_one_width(features, f"autosrh selects dimensions of one table of width {dim}", ValueError, dim=dim)
         if buckets < 1 or group_size < 1 or dim % group_size:
             raise ValueError(
                 f"autosrh needs buckets >= 1 and a group_size dividing dim {dim}, got {buckets}, {group_size}"

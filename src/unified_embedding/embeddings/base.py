@@ -131,14 +131,17 @@ class EmbeddingMethod(nn.Module, ABC):
 METHODS: dict[str, type[EmbeddingMethod]] = {}
 
 
-def require_one_width(features: FeatureSet, why: str, error: type[ValueError] = BudgetError) -> None:
-    """Refuse per-feature widths for a method that gives every feature one width.
+def require_one_width(
+    features: FeatureSet, why: str, error: type[ValueError] = BudgetError, *, dim: int | None = None
+) -> None:
+    """Refuse per-feature widths (other than `dim`) for a method that gives every feature one width.
 
     `from_budget` raises `BudgetError` (a sweep records the run as refused); constructors
     raise a plain `ValueError`.
     """
-    if any(f.dim for f in features.sparse):
-        raise error(f"{why}; remove per-feature dims")
+    other = [f.name for f in features.sparse if f.dim not in (None, dim)]
+    if other:
+        raise error(f"{why}; features {other} ask for widths of their own: remove their per-feature dims")
 
 
 def register(cls: type[EmbeddingMethod]) -> type[EmbeddingMethod]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import EmbeddingMethod
+from unified_embedding.embeddings.base import EmbeddingMethod, require_one_width
 from unified_embedding.embeddings.table import slot_values
 from unified_embedding.features import FeatureSet, Pooling
 from unified_embedding.hashing import hash_to_rows, salt
@@ -143,9 +143,7 @@ def check_uniform_width(features: FeatureSet, dim: int) -> None:
     """These methods give every feature the same width; a FeatureSpec asking otherwise is an error."""
     if dim < 1:
         raise ValueError(f"dim must be at least 1, got {dim}")
-    other = [f.name for f in features.sparse if f.dim not in (None, dim)]
-    if other:
-        raise ValueError(f"this method gives every feature width {dim}; features {other} ask for another width")
+    require_one_width(features, f"this method gives every feature width {dim}", ValueError, dim=dim)
 
 
 def check_shared(shared: object) -> bool:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width
 from unified_embedding.embeddings.full import DEFAULT_DIM, vocabulary_sizes
 from unified_embedding.embeddings.table import SlotTableEmbedding, feature_region
 from unified_embedding.features import FeatureSet
@@ -113,6 +113,7 @@ class MixedDimensionEmbedding(SlotTableEmbedding):
     """Collisionless tables of per-feature widths (power-law rule), each projected to `dim`."""
 
     name = "mixed_dim"
+    dense_only_because = "trains its projections with dense gradients"
     description = "mixed-dimension collisionless tables: width by a power law of cardinality, projected to one width"
     paper = (
         "Ginart et al., Mixed Dimension Embeddings with Application to Memory-Efficient "
@@ -129,10 +130,7 @@ class MixedDimensionEmbedding(SlotTableEmbedding):
     ) -> None:
         if sorted(widths) != sorted(features.sparse_names) or not all(1 <= w <= dim for w in widths.values()):
             raise ValueError(f"mixed_dim needs a width in [1, {dim}] for every sparse feature, got {dict(widths)}")
-        if table_options.get("sparse"):
-            raise ValueError("mixed_dim's projections have dense gradients; use sparse=False")
-        if any(f.dim not in (None, dim) for f in features.sparse):
-            raise ValueError(f"mixed_dim projects every feature to one width ({dim}); remove per-feature dims")
+        require_one_width(features, f"mixed_dim projects every feature to one width ({dim})", ValueError, dim=dim)
         sizes = vocabulary_sizes(features.sparse_names, vocabularies)
         chunk = math.gcd(*widths.values())
         slots, rows = [], 0

@@ -90,6 +90,7 @@ class OptEmbedding(FullEmbedding):
     """`full` with learned per-field row-pruning thresholds and searched per-field widths."""
 
     name = "optembed"
+    dense_only_because = "trains its thresholds with dense gradients"
     #: its search or pruning decides which float32 weights are stored; codes would need their own
     quantisable = False
     description = (
@@ -113,10 +114,7 @@ class OptEmbedding(FullEmbedding):
         mutation: float = DEFAULT_MUTATION,
         **table_options,
     ) -> None:
-        if table_options.get("sparse"):
-            raise ValueError("optembed trains its thresholds with dense gradients; use sparse=False")
-        if any(f.dim not in (None, dim) for f in features.sparse):
-            raise ValueError(f"optembed searches widths within one table of width {dim}; remove per-feature dims")
+        require_one_width(features, f"optembed searches widths within one table of width {dim}", ValueError, dim=dim)
         if not (population >= 2 and generations >= 1 and 1 <= parents <= population and 0 <= mutation <= 1):
             raise ValueError(
                 "optembed needs population >= 2, generations >= 1, 1 <= parents <= population, mutation in [0, 1]"

@@ -107,6 +107,7 @@ class PEPEmbedding(FullEmbedding):
     """`full`'s table read through learned soft thresholds and a hard cap of `keep` non-zero weights."""
 
     name = "pep"
+    dense_only_because = "trains its thresholds with dense gradients"
     #: its search or pruning decides which float32 weights are stored; codes would need their own
     quantisable = False
     description = (
@@ -129,10 +130,7 @@ class PEPEmbedding(FullEmbedding):
         retrain: bool = RETRAIN_DEFAULT,
         **table_options,
     ) -> None:
-        if table_options.get("sparse"):
-            raise ValueError("pep trains its thresholds with dense gradients; use sparse=False")
-        if any(f.dim not in (None, dim) for f in features.sparse):
-            raise ValueError(f"pep prunes one table of width {dim}; remove per-feature dims")
+        require_one_width(features, f"pep prunes one table of width {dim}", ValueError, dim=dim)
         if granularity not in ("feature", "feature_dimension"):
             raise ValueError(f"granularity must be 'feature' or 'feature_dimension', got {granularity!r}")
         if keep < 1 or prune_steps < 0:

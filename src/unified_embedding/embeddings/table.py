@@ -131,6 +131,8 @@ class SlotTableEmbedding(EmbeddingMethod):
     transforms_rows: ClassVar[bool] = False
     #: False when a subclass stores only float32 rows (it prunes or searches which to keep)
     quantisable: ClassVar[bool] = True
+    #: why a subclass refuses sparse gradients (weights beside its table need dense ones); "" if it does not
+    dense_only_because: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,6 +155,8 @@ class SlotTableEmbedding(EmbeddingMethod):
         self.storage = check_storage(storage)
         if storage != "fp32" and not self.quantisable:
             raise ValueError(f"{self.name} stores float32 rows; quantised storage is not supported")
+        if sparse and self.dense_only_because:
+            raise ValueError(f"{self.name} {self.dense_only_because}; use sparse=False")
         names = features.sparse_names
         slot_features = [s.feature for s in slots]
         if slot_features != sorted(slot_features, key=names.index) or set(slot_features) != set(names):
