@@ -1,5 +1,7 @@
 """Mechanics of the table-based methods, exact parameter counts and budgets."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,19 @@ def test_num_parameters_is_the_stored_element_count(name):
     out = method(make_batch())
     assert out.shape == (6, method.output_dim) and torch.isfinite(out).all()
     assert sum(method.out_dims.values()) == method.output_dim
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_sparse_gradients_are_taken_or_refused_by_name_with_the_reason(name):
+    reason = METHODS[name].dense_only_because
+    if reason:
+        with pytest.raises(ValueError, match=f"^{name} {re.escape(reason)}; use sparse=False$"):
+            build_embedding(name, FEATURES, FULL_SIZE // 4, vocabularies=VOCABULARIES, sparse=True)
+        return
+    method = build_embedding(name, FEATURES, FULL_SIZE // 4, vocabularies=VOCABULARIES, sparse=True)
+    method(make_batch()).sum().backward()
+    grads = [p.grad for p in method.parameters() if p.grad is not None]
+    assert method.sparse and grads and any(g.is_sparse for g in grads)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

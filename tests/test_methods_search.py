@@ -323,21 +323,6 @@ def test_a_search_method_killed_in_retrain_resumes_to_the_uninterrupted_result(d
         assert resumed[key] == pytest.approx(reference[key], abs=1e-12)
 
 
-DENSE_ONLY = ("autodim", "autosrh", "mixed_dim", "optembed", "pep")
-
-
-def test_exactly_the_methods_with_dense_side_weights_declare_it():
-    from unified_embedding.embeddings import METHODS
-
-    assert sorted(n for n, cls in METHODS.items() if getattr(cls, "dense_only_because", "")) == list(DENSE_ONLY)
-
-
-@pytest.mark.parametrize("name", DENSE_ONLY)
-def test_sparse_gradients_are_refused_by_name_where_side_weights_need_dense_ones(name):
-    with pytest.raises(ValueError, match=f"^{name} trains .*dense gradients; use sparse=False$"):
-        build_embedding(name, FEATURES, FULL_SIZE // 2, vocabularies=VOCABULARIES, sparse=True)
-
-
 @pytest.mark.parametrize("name", ["pep", "optembed", "autosrh"])
 def test_one_width_methods_accept_their_own_width_and_name_features_asking_another(name):
     def features(item_dim: int) -> FeatureSet:

@@ -36,6 +36,9 @@ class EmbeddingMethod(nn.Module, ABC):
     paper: ClassVar[str] = ""
     #: True when the method's tables produce sparse gradients (the trainer then picks sparse optimizers)
     sparse: bool = False
+    #: why the method refuses sparse gradients (weights beside its tables need dense ones, which
+    #: SparseAdam cannot train); "" when it takes them. `require_dense` reads it.
+    dense_only_because: ClassVar[str] = ""
     #: True when `from_budget` takes `frequent_ids` (each feature's training ids, most frequent
     #: first), which the trainer then computes and passes
     uses_id_frequencies: ClassVar[bool] = False
@@ -142,6 +145,12 @@ def require_one_width(
     other = [f.name for f in features.sparse if f.dim not in (None, dim)]
     if other:
         raise error(f"{why}; features {other} ask for widths of their own: remove their per-feature dims")
+
+
+def require_dense(method: EmbeddingMethod, sparse: bool) -> None:
+    """Refuse `sparse=True` for a method that declares `dense_only_because`, saying why by name."""
+    if sparse and method.dense_only_because:
+        raise ValueError(f"{method.name} {method.dense_only_because}; use sparse=False")
 
 
 def register(cls: type[EmbeddingMethod]) -> type[EmbeddingMethod]:

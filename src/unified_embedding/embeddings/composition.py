@@ -153,12 +153,6 @@ def check_shared(shared: object) -> bool:
     return shared
 
 
-def check_dense(name: str, sparse: bool) -> None:
-    """Methods with networks or cores get dense gradients only (SparseAdam cannot train them)."""
-    if sparse:
-        raise ValueError(f"{name} trains dense cores or projections; sparse gradients do not apply (drop --sparse)")
-
-
 def index_targets(features: FeatureSet, method: str) -> dict[str, int]:
     """cardinality + 1 per feature (its training values plus one for unseen ids): the range to cover."""
     unknown = [f.name for f in features.sparse if f.cardinality is None]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import BudgetError, EmbeddingMethod, Vocabularies, register
+from unified_embedding.embeddings.base import BudgetError, EmbeddingMethod, Vocabularies, register, require_dense
 from unified_embedding.embeddings.full import DEFAULT_DIM
 from unified_embedding.embeddings.table import slot_values
 from unified_embedding.features import FeatureSet, Pooling
@@ -155,6 +155,7 @@ class DeepHashEmbedding(EmbeddingMethod):
     """Values -> k dense hash encodings -> MLP decoder -> a `dim`-wide vector per feature."""
 
     name = "dhe"
+    dense_only_because = "has no table: its decoder trains with dense gradients"
     description = "deep hash embedding: no table; k hashes of the id decoded by an MLP (shared across features)"
     paper = "Kang et al., Learning to Embed Categorical Features without Embedding Tables for Recommendation, KDD 2021"
 
@@ -169,8 +170,7 @@ class DeepHashEmbedding(EmbeddingMethod):
         sparse: bool = False,
     ) -> None:
         super().__init__(features)
-        if sparse:
-            raise ValueError("dhe has no table: its decoder's gradients are dense (use sparse=False)")
+        require_dense(self, sparse)
         if distribution not in ("uniform", "gaussian"):
             raise ValueError(f"distribution must be 'uniform' or 'gaussian', got {distribution!r}")
         widths = {f.dim or shape.dim for f in features.sparse}

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_dense
 from unified_embedding.embeddings.composition import (
     ComposedEmbedding,
     apportion,
-    check_dense,
     factor_std,
     index_targets,
     per_feature,
@@ -44,6 +43,7 @@ class LowRankEmbedding(ComposedEmbedding):
     """
 
     name = "low_rank"
+    dense_only_because = "trains dense projections"
     description = "factorised embedding: a narrow hashed table of width r times a projection r -> dim"
     paper = (
         "Deng, Ghaemmaghami et al., Enhancing Cross-Category Learning in Recommendation Systems with "
@@ -61,7 +61,7 @@ class LowRankEmbedding(ComposedEmbedding):
         sparse: bool = False,
         init_scale: float = DEFAULT_INIT_SCALE,
     ) -> None:
-        check_dense(self.name, sparse)
+        require_dense(self, sparse)
         if rank < 1:
             raise ValueError(f"low_rank needs rank >= 1, got {rank}")
         names = features.sparse_names

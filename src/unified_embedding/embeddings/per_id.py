@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unified_embedding.embeddings.base import Vocabularies, as_tensor
-from unified_embedding.embeddings.composition import Bags, ComposedEmbedding, check_dense
+from unified_embedding.embeddings.base import Vocabularies, as_tensor, require_dense
+from unified_embedding.embeddings.composition import Bags, ComposedEmbedding
 from unified_embedding.embeddings.double_hash import FrequentIds, unique_in_order
 from unified_embedding.embeddings.full import vocabulary_sizes
 from unified_embedding.features import FeatureSet
@@ -27,8 +27,10 @@ from unified_embedding.hashing import salt, salted_keys
 class PerIdEmbedding(ComposedEmbedding):
     """`ComposedEmbedding` over each feature's exact vocabulary index, with one OOV index per feature."""
 
+    dense_only_because = "trains its per-id state (codes, step sizes, masks or assignments) with dense gradients"
+
     def __init__(self, features: FeatureSet, vocabularies: Vocabularies | None, dim: int, *, sparse: bool = False):
-        check_dense(type(self).__name__, sparse)
+        require_dense(self, sparse)
         sizes = vocabulary_sizes(features.sparse_names, vocabularies)
         super().__init__(features, list(sizes.values()), dim, shared=False)
         self.num_ids = sum(sizes.values())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unified_embedding.batch import Batch
-from unified_embedding.embeddings.base import EmbeddingMethod, Vocabularies, as_tensor, uniform_init
+from unified_embedding.embeddings.base import EmbeddingMethod, Vocabularies, as_tensor, require_dense, uniform_init
 from unified_embedding.embeddings.quantization import (
     Storage,
     check_storage,
@@ -131,8 +131,6 @@ class SlotTableEmbedding(EmbeddingMethod):
     transforms_rows: ClassVar[bool] = False
     #: False when a subclass stores only float32 rows (it prunes or searches which to keep)
     quantisable: ClassVar[bool] = True
-    #: why a subclass refuses sparse gradients (weights beside its table need dense ones); "" if it does not
-    dense_only_because: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -155,8 +153,7 @@ class SlotTableEmbedding(EmbeddingMethod):
         self.storage = check_storage(storage)
         if storage != "fp32" and not self.quantisable:
             raise ValueError(f"{self.name} stores float32 rows; quantised storage is not supported")
-        if sparse and self.dense_only_because:
-            raise ValueError(f"{self.name} {self.dense_only_because}; use sparse=False")
+        require_dense(self, sparse)
         names = features.sparse_names
         slot_features = [s.feature for s in slots]
         if slot_features != sorted(slot_features, key=names.index) or set(slot_features) != set(names):

@@ -10,8 +10,8 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
-from unified_embedding.embeddings.base import BudgetError, Vocabularies, register
-from unified_embedding.embeddings.composition import ComposedEmbedding, check_dense, factor_std, index_targets, regions
+from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_dense
+from unified_embedding.embeddings.composition import ComposedEmbedding, factor_std, index_targets, regions
 from unified_embedding.embeddings.full import DEFAULT_DIM
 from unified_embedding.embeddings.table import DEFAULT_INIT_SCALE
 from unified_embedding.features import FeatureSet
@@ -74,6 +74,7 @@ class TTRecEmbedding(ComposedEmbedding):
     """
 
     name = "tt_rec"
+    dense_only_because = "trains dense tensor-train cores"
     description = "TT-Rec: each table as three tensor-train cores; a row is a contraction of three core slices"
     paper = "Yin et al., TT-Rec: Tensor Train Compression for Deep Learning Recommendation Model Embeddings, MLSys 2021"
 
@@ -88,7 +89,7 @@ class TTRecEmbedding(ComposedEmbedding):
         sparse: bool = False,
         init_scale: float = DEFAULT_INIT_SCALE,
     ) -> None:
-        check_dense(self.name, sparse)
+        require_dense(self, sparse)
         names = features.sparse_names
         if isinstance(shapes, Mapping):
             missing = [name for name in names if name not in shapes]
