@@ -39,3 +39,14 @@ def write_text_atomic(text: str, path: str | Path) -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_to_resume(path: str | Path, fingerprint: str) -> dict[str, Any]:
+    """A checkpoint to resume, refused when another configuration wrote it: resuming would train a hybrid."""
+    saved = load(path)
+    if saved["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path} belongs to a different configuration; "
+            "use the same flags to resume, or another --output to start afresh"
+        )
+    return saved

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unified_embedding.batch import Batch
-from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
+from unified_embedding.checkpoint import load, load_to_resume, save_atomic, write_text_atomic
 from unified_embedding.data import (
     BatchLoader,
     CTRData,
@@ -411,12 +411,7 @@ class Trainer:
         )
 
     def _restore(self, network: nn.Module, optimizers: Optimizers) -> dict[str, Any]:
-        saved = load(self.checkpoint_path)
-        if saved["fingerprint"] != self.config.fingerprint():
-            raise ValueError(
-                f"{self.checkpoint_path} belongs to a different configuration; "
-                "use the same flags to resume, or another --output to start afresh"
-            )
+        saved = load_to_resume(self.checkpoint_path, self.config.fingerprint())
         network.load_state_dict(saved["model"])
         optimizers.load_state_dict(saved["optimizers"])
         torch.set_rng_state(saved["rng"])

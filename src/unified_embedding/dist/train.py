@@ -54,7 +54,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm.auto import tqdm
 
 from unified_embedding.batch import Batch
-from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
+from unified_embedding.checkpoint import load_to_resume, save_atomic, write_text_atomic
 from unified_embedding.data import BatchLoader
 from unified_embedding.dist.modules import TABLE, check_shardable, single_state_dict, to_torchrec
 from unified_embedding.dist.sharding import EBC_PATH, combined_optimizer, shard_network
@@ -241,12 +241,7 @@ class DistributedTrainer:
         if not pointer.exists():
             return None
         folder = self.checkpoints / pointer.read_text().strip()
-        saved = load(folder / "trainer.pt")
-        if saved["fingerprint"] != self.config.fingerprint():
-            raise ValueError(
-                f"{folder} belongs to a different configuration; "
-                "use the same flags to resume, or another --output to start afresh"
-            )
+        saved = load_to_resume(folder / "trainer.pt", self.config.fingerprint())
         if saved["world_size"] != self.world:
             raise ValueError(f"{folder} was written by {saved['world_size']} processes; resume it with as many")
         _init_optimizer_state(optimizer)

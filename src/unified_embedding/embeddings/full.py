@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Self, get_args
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width, uniform_init
-from unified_embedding.embeddings.table import SlotTableEmbedding, feature_region, slot_values
+from unified_embedding.embeddings.table import Slot, SlotTableEmbedding, feature_region, slot_values
 from unified_embedding.features import FeatureSet
 from unified_embedding.hashing import salted_keys
 from unified_embedding.memory import zeros_on_huge_pages
@@ -57,12 +57,7 @@ class FullEmbedding(SlotTableEmbedding):
             raise ValueError(f"unseen must be one of {', '.join(get_args(Unseen))}, got {unseen!r}")
         sizes = vocabulary_sizes(features.sparse_names, vocabularies)
         widths = {f.name: f.dim or dim for f in features.sparse}
-        chunk = math.gcd(*widths.values())
-        slots, rows = [], 0
-        for name, size in sizes.items():
-            region, used = feature_region(name, rows, size, widths[name] // chunk, vocabulary=True)
-            slots += region
-            rows += used
+        slots, rows, chunk = collisionless_layout(sizes, widths)
         super().__init__(features, slots, rows, chunk, vocabularies=vocabularies, **table_options)
         self.unseen = unseen
         self.grows = unseen == "grow"
@@ -144,6 +139,21 @@ class FullEmbedding(SlotTableEmbedding):
                 f"full needs at least {rows:,} parameters (one column per vocabulary row); budget {budget:,}"
             )
         return cls(features, vocabularies, dim=dim, **options)
+
+
+def collisionless_layout(sizes: Mapping[str, int], widths: Mapping[str, int]) -> tuple[list[Slot], int, int]:
+    """Slots, row count and chunk width of one table holding every feature's vocabulary in rows of its own.
+
+    Widths become whole chunks of their gcd, so features of different widths share one table
+    without sharing a row.
+    """
+    chunk = math.gcd(*widths.values())
+    slots, rows = [], 0
+    for name, size in sizes.items():
+        region, used = feature_region(name, rows, size, widths[name] // chunk, vocabulary=True)
+        slots += region
+        rows += used
+    return slots, rows, chunk
 
 
 def _first_occurrences(keys: Tensor) -> tuple[Tensor, Tensor]:

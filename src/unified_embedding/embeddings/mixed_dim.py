@@ -34,7 +34,6 @@ every feature counts one.)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Self
 
@@ -43,8 +42,8 @@ from torch import Tensor
 
 from unified_embedding.batch import Batch
 from unified_embedding.embeddings.base import BudgetError, Vocabularies, register, require_one_width
-from unified_embedding.embeddings.full import DEFAULT_DIM, vocabulary_sizes
-from unified_embedding.embeddings.table import SlotTableEmbedding, feature_region
+from unified_embedding.embeddings.full import DEFAULT_DIM, collisionless_layout, vocabulary_sizes
+from unified_embedding.embeddings.table import SlotTableEmbedding
 from unified_embedding.features import FeatureSet
 
 #: the DLRM reference implementation's default temperature (`--md-temperature 0.3`)
@@ -132,12 +131,7 @@ class MixedDimensionEmbedding(SlotTableEmbedding):
             raise ValueError(f"mixed_dim needs a width in [1, {dim}] for every sparse feature, got {dict(widths)}")
         require_one_width(features, f"mixed_dim projects every feature to one width ({dim})", ValueError, dim=dim)
         sizes = vocabulary_sizes(features.sparse_names, vocabularies)
-        chunk = math.gcd(*widths.values())
-        slots, rows = [], 0
-        for name, size in sizes.items():
-            region, used = feature_region(name, rows, size, widths[name] // chunk, vocabulary=True)
-            slots += region
-            rows += used
+        slots, rows, chunk = collisionless_layout(sizes, widths)
         super().__init__(features, slots, rows, chunk, vocabularies=vocabularies, **table_options)
         self.dim = dim
         self.widths = dict(widths)

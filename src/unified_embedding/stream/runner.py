@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unified_embedding.checkpoint import load, save_atomic, write_text_atomic
+from unified_embedding.checkpoint import load_to_resume, save_atomic, write_text_atomic
 from unified_embedding.data import BatchLoader, CTRData, Split, vocabularies
 from unified_embedding.embeddings import FullEmbedding
 from unified_embedding.embeddings.base import resolve_budget
@@ -238,12 +238,7 @@ class StreamRunner:
         )  # fmt: skip
 
     def _restore(self, network: CTRNetwork, state: dict) -> Optimizers:
-        saved = load(self.checkpoint_path)
-        if saved["fingerprint"] != self.config.fingerprint():
-            raise ValueError(
-                f"{self.checkpoint_path} belongs to a different configuration; "
-                "use the same flags to resume, or another --output to start afresh"
-            )
+        saved = load_to_resume(self.checkpoint_path, self.config.fingerprint())
         network.load_state_dict(saved["model"])
         train = self.config.train
         optimizers = Optimizers.for_config(network, train)
