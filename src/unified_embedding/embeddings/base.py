@@ -150,7 +150,7 @@ def require_one_width(
 def require_dense(method: EmbeddingMethod, sparse: bool) -> None:
     """Refuse `sparse=True` for a method that declares `dense_only_because`, saying why by name."""
     if sparse and method.dense_only_because:
-        raise ValueError(f"{method.name} {method.dense_only_because}; use sparse=False")
+        raise ValueError(f"{method.name} {method.dense_only_because}; use sparse=False (drop --sparse)")
 
 
 def register(cls: type[EmbeddingMethod]) -> type[EmbeddingMethod]:
