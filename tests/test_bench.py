@@ -18,6 +18,7 @@ from unified_embedding.bench.inspect import inspect_collisions
 from unified_embedding.bench.report import Cell, _verdict, busy_seconds, dominated, frontier, write_report
 from unified_embedding.bench.runs import make_config
 from unified_embedding.bench.store import ResultStore
+from unified_embedding.bench.stream_report import StreamSection, verdict_lines
 from unified_embedding.bench.summary import seeds_text
 from unified_embedding.bench.sweep import SweepSpec, describe_command, run_sweep
 from unified_embedding.embeddings import METHODS
@@ -366,6 +367,8 @@ def test_a_verdict_names_a_collision_free_table_that_beats_unified_at_its_size()
     assert "`pep`" in level and "collision-free" not in level  # full is level with unified: not a cause
     one_seed = _verdict("**b**", cell("unified", 100, [0.70]), [cell("unified", 100, [0.70]), cell("full", 99, [0.75])])
     assert "collision-free" not in one_seed and "the gap may be chance" in one_seed  # one seed is no evidence
+    two_seeds = _verdict("**b**", cell("unified", 100, [0.70, 0.71]), [cell("unified", 100, [0.70, 0.71]), hashing])
+    assert "the error estimate itself is rough" in two_seeds and "rough" not in beaten  # three seeds: no caveat
 
 
 def test_sweeps_run_side_by_side_count_once_in_the_wall_time():
@@ -443,3 +446,18 @@ def test_a_stream_sweep_is_stored_resumable_and_reported(data_dir, tmp_path):
 def test_plot_titles_say_how_many_seeds_the_cells_have():
     assert seeds_text([3, 3, 3]) == "3 seeds" and seeds_text([1]) == "1 seed"
     assert seeds_text([1, 2, 1]) == "1-2 seeds"  # a sweep still filling in seeds says so
+
+
+def test_stream_verdicts_call_a_gap_only_beyond_the_noise_and_never_on_one_seed():
+    def runs(*aucs):
+        return [{"auc": a, "new_auc": a, "cold_auc": a} for a in aucs]
+
+    section = StreamSection("d", "b", {}, {"unified": runs(0.80, 0.81, 0.80), "hashing": runs(0.70, 0.71, 0.70)})
+    assert "on all examples it beats it" in verdict_lines(section)[0]
+    section.runs["hashing"] = runs(0.80, 0.79, 0.81)
+    assert "on all examples it ties with it" in verdict_lines(section)[0]
+    one_seed = StreamSection("d", "b", {}, {"unified": runs(0.80), "hashing": runs(0.70)})
+    line = verdict_lines(one_seed)[0]
+    assert (
+        "beats" not in line and "on all examples it is ahead of it (+0.1000 AUC; one seed: no error estimate)" in line
+    )

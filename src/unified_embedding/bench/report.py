@@ -31,14 +31,19 @@ from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.decomposition import plot_decomposition
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.stream_report import stream_lines, stream_sections
-from unified_embedding.bench.summary import format_stats, mean_std_se, method_label, seeds_text
+from unified_embedding.bench.summary import (
+    CLEAR_SE,
+    format_stats,
+    mean_difference,
+    mean_std_se,
+    method_label,
+    seeds_text,
+)
 
 PRODUCT = "unified"
 BASELINE = "hashing"
 #: the method without collisions, where it fits the budget (`ue methods`)
 COLLISION_FREE = "full"
-#: standard errors a difference needs before the report calls it a win or a loss, not noise
-CLEAR_SE = 2.0
 #: how many more parameters than `unified` a rival may have and still count as "the same size"
 SAME_SIZE = 1.05
 #: The report's raw data beside it: `ResultStore.export` of the runs it shows.
@@ -127,11 +132,12 @@ def frontier(cells: Sequence[Cell]) -> list[Cell]:
 
 def difference(a: Cell, b: Cell) -> tuple[float, float]:
     """Mean test AUC of a minus b, and its standard error (nan with a single seed on either side)."""
-    (ma, _, sa), (mb, _, sb) = a.auc_stats, b.auc_stats
-    return ma - mb, math.sqrt(sa**2 + sb**2) if not (math.isnan(sa) or math.isnan(sb)) else math.nan
+    return mean_difference(a.auc, b.auc)
 
 
-def _fmt_diff(diff: float, se: float) -> str:
+def compare(a: Cell, b: Cell) -> str:
+    """a's mean test AUC against b's, with its standard error and whether it clears the noise."""
+    diff, se = difference(a, b)
     if math.isnan(se):
         return f"{diff:+.4f} AUC (one seed: no error estimate)"
     if se == 0:
@@ -144,7 +150,9 @@ def _fmt_diff(diff: float, se: float) -> str:
         if z <= -CLEAR_SE
         else f"within noise (< {CLEAR_SE:g} standard errors)"
     )
-    return f"{diff:+.4f} ± {se:.4f} AUC ({z:+.1f} standard errors: {verdict})"
+    # a standard deviation from two runs can be far off either way, and with it the label
+    rough = "; two seeds on one side, so the error estimate itself is rough" if min(a.n, b.n) == 2 else ""
+    return f"{diff:+.4f} ± {se:.4f} AUC ({z:+.1f} standard errors: {verdict}{rough})"
 
 
 def base_method(label: str) -> str:
@@ -181,12 +189,12 @@ def _verdict(head: str, u: Cell, cells: Sequence[Cell]) -> str:
     hashing = [c for c in cells if base_method(c.method) == BASELINE]
     if hashing:
         h = max(hashing, key=lambda c: c.auc_stats[0])
-        parts.append(f"Against `{h.method}`: {_fmt_diff(*difference(u, h))}.")
+        parts.append(f"Against `{h.method}`: {compare(u, h)}.")
     others = [c for c in cells if base_method(c.method) != PRODUCT]
     if others:
         best = max(others, key=lambda c: c.auc_stats[0])
         parts.append(
-            f"Against the best other method, `{best.method}` (AUC {best.auc_stats[0]:.4f}): {_fmt_diff(*difference(u, best))}."
+            f"Against the best other method, `{best.method}` (AUC {best.auc_stats[0]:.4f}): {compare(u, best)}."
         )
         diff, se = difference(u, best)
         if diff < 0:
@@ -210,7 +218,7 @@ def _why_not(u: Cell, best: Cell, cells: Sequence[Cell], se: float) -> str:
         if not math.isnan(gap_se) and gap >= CLEAR_SE * gap_se:  # one seed is no evidence of a cause
             reasons.append(
                 f"the collision-free `{free.method}` fits this budget ({free.params:,.0f} parameters, a row per "
-                f"training value) and scores {free.auc_stats[0]:.4f}, {_fmt_diff(gap, gap_se)} over `unified`: "
+                f"training value) and scores {free.auc_stats[0]:.4f}, {compare(free, u)} over `unified`: "
                 "this dataset's values are few enough to have rows of their own here, so the rows `unified` "
                 "shares cost accuracy instead of saving parameters"
             )

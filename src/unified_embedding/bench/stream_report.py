@@ -21,7 +21,14 @@ import numpy as np
 
 from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.store import ResultStore
-from unified_embedding.bench.summary import format_stats, mean_std_se, method_label, seeds_text
+from unified_embedding.bench.summary import (
+    CLEAR_SE,
+    format_stats,
+    mean_difference,
+    mean_std_se,
+    method_label,
+    seeds_text,
+)
 
 PRODUCT = "unified"
 #: the vocabulary baseline the claim is about: `full` as built, unseen ids on one OOV row
@@ -93,12 +100,6 @@ def plot_windows(section: StreamSection, path: Path) -> Path:
     return path
 
 
-def _difference(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    ma, _, sa = mean_std_se([r[key] for r in a])
-    mb, _, sb = mean_std_se([r[key] for r in b])
-    return ma - mb, math.sqrt((0 if math.isnan(sa) else sa**2) + (0 if math.isnan(sb) else sb**2))
-
-
 def verdict_lines(section: StreamSection) -> list[str]:
     runs = section.runs
     if PRODUCT not in runs:
@@ -107,11 +108,12 @@ def verdict_lines(section: StreamSection) -> list[str]:
     for other in sorted(set(runs) - {PRODUCT}):
         parts = []
         for key, examples in (("new_auc", "new-id"), ("cold_auc", "cold-id"), ("auc", "all")):
-            diff, se = _difference(runs[PRODUCT], runs[other], key)
-            if se > 0:
-                call = "beats" if diff > 2 * se else "loses to" if diff < -2 * se else "ties with"
-            else:
-                call = "beats" if diff > 0 else "loses to"
+            diff, se = mean_difference([r[key] for r in runs[PRODUCT]], [r[key] for r in runs[other]])
+            if math.isnan(se):
+                side = "ahead of" if diff > 0 else "behind"
+                parts.append(f"on {examples} examples it is {side} it ({diff:+.4f} AUC; one seed: no error estimate)")
+                continue
+            call = "beats" if diff >= CLEAR_SE * se else "loses to" if diff <= -CLEAR_SE * se else "ties with"
             parts.append(f"on {examples} examples it {call} it ({diff:+.4f} AUC, standard error {se:.4f})")
         lines.append(f"- `{PRODUCT}` against `{other}`: " + "; ".join(parts) + ".")
     if OOV_BASELINE not in runs:

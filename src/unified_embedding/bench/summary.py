@@ -22,6 +22,17 @@ def mean_std_se(values: Iterable[float | None]) -> tuple[float, float, float]:
     return mean, std, std / math.sqrt(len(array))
 
 
+#: standard errors a difference needs before a report calls it a win or a loss, not noise
+CLEAR_SE = 2.0
+
+
+def mean_difference(a: Iterable[float | None], b: Iterable[float | None]) -> tuple[float, float]:
+    """Mean of a minus mean of b, and its standard error (NaN when either side has one value:
+    one run says nothing about the seed noise)."""
+    (ma, _, sa), (mb, _, sb) = mean_std_se(a), mean_std_se(b)
+    return ma - mb, math.sqrt(sa**2 + sb**2)
+
+
 def format_stats(stats: tuple[float, float, float]) -> str:
     """`mean ± std (standard error)`, the mean alone for one seed, n/a for none."""
     mean, std, se = stats
