@@ -367,8 +367,14 @@ def test_a_verdict_names_a_collision_free_table_that_beats_unified_at_its_size()
     assert "`pep`" in level and "collision-free" not in level  # full is level with unified: not a cause
     one_seed = _verdict("**b**", cell("unified", 100, [0.70]), [cell("unified", 100, [0.70]), cell("full", 99, [0.75])])
     assert "collision-free" not in one_seed and "the gap may be chance" in one_seed  # one seed is no evidence
-    two_seeds = _verdict("**b**", cell("unified", 100, [0.70, 0.71]), [cell("unified", 100, [0.70, 0.71]), hashing])
-    assert "the error estimate itself is rough" in two_seeds and "rough" not in beaten  # three seeds: no caveat
+
+
+def test_a_clear_gap_is_one_welch_test_passes_not_a_count_of_standard_errors():
+    two = [cell("unified", 100, [0.70, 0.72]), cell("hashing", 100, [0.66, 0.68])]
+    three = [cell("unified", 100, [0.70, 0.72, 0.71]), cell("hashing", 100, [0.66, 0.68, 0.67])]
+    # +2.8 standard errors on two seeds a side (2 degrees of freedom) is p = 0.11: noise
+    assert "(+2.8 standard errors, p = 0.106: within noise (Welch p >= 0.05))" in _verdict("**b**", two[0], two)
+    assert "(+4.9 standard errors, p = 0.008: a clear win)" in _verdict("**b**", three[0], three)
 
 
 def test_sweeps_run_side_by_side_count_once_in_the_wall_time():

@@ -32,7 +32,8 @@ from unified_embedding.bench.decomposition import plot_decomposition
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.stream_report import stream_lines, stream_sections
 from unified_embedding.bench.summary import (
-    CLEAR_SE,
+    CLEAR_P,
+    Difference,
     format_stats,
     mean_difference,
     mean_std_se,
@@ -130,29 +131,20 @@ def frontier(cells: Sequence[Cell]) -> list[Cell]:
     return sorted((c for c in cells if dominated(c, cells) is None), key=lambda c: (c.params, -c.auc_stats[0]))
 
 
-def difference(a: Cell, b: Cell) -> tuple[float, float]:
-    """Mean test AUC of a minus b, and its standard error (nan with a single seed on either side)."""
+def difference(a: Cell, b: Cell) -> Difference:
+    """Mean test AUC of a minus b, its standard error and Welch's p (nan with a single seed on either side)."""
     return mean_difference(a.auc, b.auc)
 
 
 def compare(a: Cell, b: Cell) -> str:
     """a's mean test AUC against b's, with its standard error and whether it clears the noise."""
-    diff, se = difference(a, b)
-    if math.isnan(se):
-        return f"{diff:+.4f} AUC (one seed: no error estimate)"
-    if se == 0:
-        return f"{diff:+.4f} ± 0.0000 AUC"
-    z = diff / se
-    verdict = (
-        "a clear win"
-        if z >= CLEAR_SE
-        else "a clear loss"
-        if z <= -CLEAR_SE
-        else f"within noise (< {CLEAR_SE:g} standard errors)"
-    )
-    # a standard deviation from two runs can be far off either way, and with it the label
-    rough = "; two seeds on one side, so the error estimate itself is rough" if min(a.n, b.n) == 2 else ""
-    return f"{diff:+.4f} ± {se:.4f} AUC ({z:+.1f} standard errors: {verdict}{rough})"
+    d = difference(a, b)
+    if math.isnan(d.se):
+        return f"{d.diff:+.4f} AUC (one seed: no error estimate)"
+    if d.se == 0:
+        return f"{d.diff:+.4f} ± 0.0000 AUC"
+    verdict = ("a clear win" if d.diff > 0 else "a clear loss") if d.clear else f"within noise (Welch p >= {CLEAR_P:g})"
+    return f"{d.diff:+.4f} ± {d.se:.4f} AUC ({d.diff / d.se:+.1f} standard errors, {d.p_text()}: {verdict})"
 
 
 def base_method(label: str) -> str:
@@ -196,26 +188,26 @@ def _verdict(head: str, u: Cell, cells: Sequence[Cell]) -> str:
         parts.append(
             f"Against the best other method, `{best.method}` (AUC {best.auc_stats[0]:.4f}): {compare(u, best)}."
         )
-        diff, se = difference(u, best)
-        if diff < 0:
-            parts.append(_why_not(u, best, cells, se))
+        if difference(u, best).diff < 0:
+            parts.append(_why_not(u, best, cells))
     return " ".join(parts)
 
 
-def _why_not(u: Cell, best: Cell, cells: Sequence[Cell], se: float) -> str:
+def _why_not(u: Cell, best: Cell, cells: Sequence[Cell]) -> str:
     """Facts that bear on why `unified` did not win here (the report's reader, or a notes file, says more)."""
     reasons = []
-    if math.isnan(se):
+    gap = difference(u, best)
+    if math.isnan(gap.se):
         reasons.append("with one seed there is no error estimate, so the gap may be chance")
-    elif abs(u.auc_stats[0] - best.auc_stats[0]) < CLEAR_SE * se:
+    elif not gap.clear:
         reasons.append("the gap is inside the seed noise, so this budget does not separate the two")
     if best.params > SAME_SIZE * u.params:
         reasons.append(f"`{best.method}` uses {best.params / u.params - 1:.0%} more parameters than `unified` here")
     collision_free = [c for c in cells if c.method == COLLISION_FREE and c.params <= SAME_SIZE * u.params]
     if collision_free:
         free = collision_free[0]
-        gap, gap_se = difference(free, u)
-        if not math.isnan(gap_se) and gap >= CLEAR_SE * gap_se:  # one seed is no evidence of a cause
+        lead = difference(free, u)
+        if lead.diff > 0 and lead.clear:  # one seed (p is nan) is no evidence of a cause
             reasons.append(
                 f"the collision-free `{free.method}` fits this budget ({free.params:,.0f} parameters, a row per "
                 f"training value) and scores {free.auc_stats[0]:.4f}, {compare(free, u)} over `unified`: "
@@ -574,7 +566,8 @@ def write_report(
             "axis shows), *bytes* what it stores. A budget like `0.1x` is a tenth of the collisionless `full` "
             "embedding's parameters on that dataset. ★ marks the frontier at each budget: the methods no other method "
             "beats with at most their parameters. Differences are given with the standard error of the difference of "
-            "means; a gap under two standard errors is noise. *s / run* is a run's mean wall time, which counts "
+            f"means and the p-value of Welch's t-test; a gap with p >= {CLEAR_P:g} is called noise (with three seeds a "
+            "side that is a gap under about 2.8 standard errors). *s / run* is a run's mean wall time, which counts "
             "whatever else shared the machine (other runs of a `--jobs` sweep), so it compares methods only roughly."
         ),
         "",

@@ -22,7 +22,6 @@ import numpy as np
 from unified_embedding.bench.colours import method_colour
 from unified_embedding.bench.store import ResultStore
 from unified_embedding.bench.summary import (
-    CLEAR_SE,
     format_stats,
     mean_difference,
     mean_std_se,
@@ -108,13 +107,15 @@ def verdict_lines(section: StreamSection) -> list[str]:
     for other in sorted(set(runs) - {PRODUCT}):
         parts = []
         for key, examples in (("new_auc", "new-id"), ("cold_auc", "cold-id"), ("auc", "all")):
-            diff, se = mean_difference([r[key] for r in runs[PRODUCT]], [r[key] for r in runs[other]])
-            if math.isnan(se):
-                side = "ahead of" if diff > 0 else "behind"
-                parts.append(f"on {examples} examples it is {side} it ({diff:+.4f} AUC; one seed: no error estimate)")
+            d = mean_difference([r[key] for r in runs[PRODUCT]], [r[key] for r in runs[other]])
+            if math.isnan(d.se):
+                side = "ahead of" if d.diff > 0 else "behind"
+                parts.append(f"on {examples} examples it is {side} it ({d.diff:+.4f} AUC; one seed: no error estimate)")
                 continue
-            call = "beats" if diff >= CLEAR_SE * se else "loses to" if diff <= -CLEAR_SE * se else "ties with"
-            parts.append(f"on {examples} examples it {call} it ({diff:+.4f} AUC, standard error {se:.4f})")
+            call = ("beats" if d.diff > 0 else "loses to") if d.clear else "ties with"
+            parts.append(
+                f"on {examples} examples it {call} it ({d.diff:+.4f} AUC, standard error {d.se:.4f}, {d.p_text()})"
+            )
         lines.append(f"- `{PRODUCT}` against `{other}`: " + "; ".join(parts) + ".")
     if OOV_BASELINE not in runs:
         lines.append(f"- `{OOV_BASELINE}` with an OOV row was not streamed, so the paper's claim is not tested here.")
