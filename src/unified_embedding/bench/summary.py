@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy.stats import t as student_t
 
 
 def mean_std_se(values: Iterable[float | None]) -> tuple[float, float, float]:
@@ -32,7 +32,7 @@ CLEAR_P = 0.05
 
 @dataclass(frozen=True)
 class Difference:
-    """Mean of a minus mean of b over seeds: its standard error and Welch's p (NaN with one seed a side)."""
+    """Mean of a minus mean of b over seeds: its standard error and Welch's p (NaN when a side has one seed)."""
 
     diff: float
     se: float
@@ -47,14 +47,14 @@ class Difference:
 
 
 def mean_difference(a: Iterable[float | None], b: Iterable[float | None]) -> Difference:
-    """a against b over seeds; one run a side says nothing about the seed noise, so se and p are NaN."""
+    """a against b over seeds; a side with one run says nothing about the seed noise, so se and p are NaN."""
     xa, xb = (np.asarray([v for v in x if v is not None], dtype=float) for x in (a, b))
     (ma, _, sa), (mb, _, sb) = mean_std_se(xa), mean_std_se(xb)
     diff, se = ma - mb, math.sqrt(sa**2 + sb**2)
     if math.isnan(se) or se == 0:  # no spread at all: any gap is exact, no gap is none
         return Difference(diff, se, se if math.isnan(se) else float(diff == 0))
     dof = se**4 / (sa**4 / (len(xa) - 1) + sb**4 / (len(xb) - 1))  # Welch-Satterthwaite
-    return Difference(diff, se, float(2 * stats.t.sf(abs(diff) / se, dof)))
+    return Difference(diff, se, float(2 * student_t.sf(abs(diff) / se, dof)))
 
 
 def format_stats(stats: tuple[float, float, float]) -> str:
