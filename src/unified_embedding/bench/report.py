@@ -188,7 +188,7 @@ def _verdict(head: str, u: Cell, cells: Sequence[Cell]) -> str:
         parts.append(
             f"Against the best other method, `{best.method}` (AUC {best.auc_stats[0]:.4f}): {compare(u, best)}."
         )
-        if difference(u, best).diff < 0:
+        if best.auc_stats[0] > u.auc_stats[0]:  # unified behind: say what bears on why
             parts.append(_why_not(u, best, cells))
     return " ".join(parts)
 
